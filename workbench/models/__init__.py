@@ -1,0 +1,1 @@
+"""Model definitions: MMDiT transformer, MoE feed-forward, VAE and text conditioning."""

@@ -1,0 +1,1 @@
+"""ShapesWorld: the procedural dataset, trainer and evaluation of the embedded model."""
