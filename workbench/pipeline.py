@@ -1,0 +1,401 @@
+"""Text→image and image→image on one loaded model: seeds, guidance, callbacks, cancel, metadata.
+
+Images are PIL RGB; latents ``(B, 16, H/8, W/8)``. Seeds reproduce diffusers: the noise of an image with seed s is
+``torch.randn((1, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(s))``; image→image first draws the
+VAE's latent sample from the same generator, then the noise (diffusers' order).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workbench import flow
+from workbench.metadata import format_parameters
+from workbench.models.mmdit import MMDiT
+from workbench.models.moe import RoutingRecord
+from workbench.models.text import TextConditioner
+from workbench.models.vae import AutoencoderKL
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class GenerationDefaults:
+    """Per-model defaults, read from the model folder (``model_index.json``'s ``workbench`` entry)."""
+
+    num_inference_steps: int = 28
+    guidance_scale: float = 7.0
+    shift: float = 3.0
+    height: int = 1024
+    width: int = 1024
+    sampler: str = "euler"
+    prompt: str = ""
+    negative_prompt: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GenerationDefaults:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class GenerationOutput:
+    """``images`` (PIL, each with ``info["parameters"]``), final ``latents`` (B, C, h, w) scaled, the ``seeds`` used,
+    per-image ``parameters`` dicts, and the optional ``trajectory`` and ``routing`` records."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor
+    seeds: list[int]
+    parameters: list[dict] = field(default_factory=list)
+    trajectory: flow.Trajectory | None = None
+    routing: RoutingRecord | None = None
+
+
+def _as_list(value: str | Sequence[str] | None, name: str) -> list[str]:
+    if value is None:
+        return [""]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value) and len(value) > 0:
+        return list(value)
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+
+
+def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """PIL / uint8 array / tensor in [-1, 1] → ``(1, 3, height, width)`` float32 in [-1, 1] (Lanczos resize)."""
+    if isinstance(image, torch.Tensor):
+        tensor = image.float()
+        if tensor.dim() == 3:
+            tensor = tensor[None]
+        if tensor.shape[-2:] != (height, width):
+            tensor = torch.nn.functional.interpolate(tensor, size=(height, width), mode="bicubic", antialias=True)
+        return tensor
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be a PIL image, a uint8 array or a tensor, got {type(image).__name__}")
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    array = np.array(image).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def tensor_to_images(decoded: torch.Tensor) -> list[Image.Image]:
+    """Decoded VAE output ``(B, 3, H, W)`` in [-1, 1] → PIL images (diffusers' rounding)."""
+    array = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in (array * 255).round().astype("uint8")]
+
+
+class Pipeline:
+    """One loaded model: ``transformer`` (MMDiT), ``vae`` (AutoencoderKL), ``text_encoders`` (TextConditioner).
+
+    Call it with a prompt to get images; see :meth:`__call__`. ``device`` and ``dtype`` are where the transformer
+    computes; the sampler itself integrates in float32.
+    """
+
+    def __init__(
+        self,
+        transformer: MMDiT,
+        vae: AutoencoderKL,
+        text_encoders: TextConditioner,
+        name: str = "model",
+        defaults: GenerationDefaults | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoders = text_encoders
+        self.name = name
+        self.defaults = defaults or GenerationDefaults()
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @property
+    def num_experts(self) -> int:
+        return self.transformer.config.moe_num_experts if self.transformer.config.has_experts else 0
+
+    @property
+    def max_image_side(self) -> int:
+        config = self.transformer.config
+        return config.pos_embed_max_size * config.patch_size * self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise ValueError unless both sides are positive multiples of 16 that fit the position table."""
+        multiple = self.vae_scale_factor * self.transformer.config.patch_size
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+            if value > self.max_image_side:
+                raise ValueError(
+                    f"{name}={value} exceeds this model's position table (pos_embed_max_size="
+                    f"{self.transformer.config.pos_embed_max_size}): at most {self.max_image_side} px"
+                )
+
+    def encode_prompts(
+        self, prompts: list[str], negatives: list[str] | None, max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text conditioning ``(embeds, pooled)``; with ``negatives`` the batch is [negatives; prompts]."""
+        texts = (negatives or []) + prompts
+        with torch.no_grad():
+            embeds, pooled = self.text_encoders.encode(texts, max_sequence_length=max_sequence_length)
+        return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Pixels ``(1, 3, H, W)`` in [-1, 1] → scaled latents, sampling the posterior with ``generator``."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        with torch.no_grad():
+            raw = self.vae.encode(pixels.to(self.device, vae_dtype)).sample(generator)
+        return self.vae.scale_latents(raw).float()
+
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae_dtype = next(self.vae.parameters()).dtype
+        with torch.no_grad():
+            decoded = self.vae.decode(self.vae.unscale_latents(latents).to(self.device, vae_dtype))
+        return tensor_to_images(decoded)
+
+    def initial_noise(self, seed: int, height: int, width: int) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (
+            1,
+            self.transformer.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        max_sequence_length: int = 256,
+        image: Image.Image | torch.Tensor | None = None,
+        strength: float = 0.6,
+        sampler: str | None = None,
+        expert_weights: Sequence[float] | dict[int, Sequence[float]] | None = None,
+        router_temperature: float = 1.0,
+        flow_temperature: float = 1.0,
+        dynamic_thresholding_ratio: float | None = None,
+        callback: flow.StepCallback | None = None,
+        record_trajectory: bool = False,
+        record_routing: bool = False,
+        shift: float | None = None,
+        num_images: int = 1,
+        initial_latents: torch.Tensor | None = None,
+        prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> GenerationOutput:
+        """Generate images.
+
+        ``prompt`` may be a list (one image each, ``num_images`` per prompt); image i uses ``seed + i`` (a list of
+        seeds is used as given; ``None`` draws a random seed, reported in the output). ``image`` switches to
+        image→image with diffusers' ``strength`` semantics. ``guidance_scale`` ≤ 1 disables classifier-free
+        guidance. ``initial_latents`` (B, C, h, w) replaces the seeded noise and ``prompt_embeds`` = (positive
+        embeds, pooled) replaces the text encoders' output for the positive prompts (used by frame sequences).
+        Raises ValueError naming the parameter for any invalid input and :class:`flow.GenerationCancelled` when
+        the callback returns ``False``.
+        """
+        d = self.defaults
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+        shift = d.shift if shift is None else float(shift)
+        sampler = sampler or d.sampler
+        prompts = [p for p in _as_list(prompt, "prompt") for _ in range(num_images)]
+        negatives = _as_list(negative_prompt, "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        elif len(negatives) * num_images == len(prompts):
+            negatives = [n for n in negatives for _ in range(num_images)]
+        else:
+            raise ValueError(
+                f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts) // num_images}"
+            )
+        if image is not None and (height is None or width is None):
+            w, h = image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+            multiple = self.vae_scale_factor * self.transformer.config.patch_size
+            height, width = height or h // multiple * multiple, width or w // multiple * multiple
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        self._validate(steps, guidance, sampler, flow_temperature, max_sequence_length, num_images, height, width)
+        seeds = self._seeds(seed, len(prompts))
+        sigmas = flow.sigma_schedule(steps, shift)
+        if image is not None:
+            sigmas = sigmas[flow.img2img_start(steps, strength) :]
+
+        if self.num_experts:
+            self.transformer.set_routing(expert_weights, router_temperature)
+        else:
+            self._reject_expert_weights(expert_weights)
+        routing = RoutingRecord() if record_routing and self.num_experts else None
+        self.transformer.record_routing(routing)
+        trajectory = flow.Trajectory() if record_trajectory else None
+        try:
+            latents = self._start_latents(
+                seeds, height, width, image, sigmas, flow_temperature, initial_latents, len(prompts)
+            )
+            embeds, pooled = self._conditioning(prompts, negatives, guidance, max_sequence_length, prompt_embeds)
+            velocity = flow.cfg_velocity(self._model_fn(embeds, pooled, routing), guidance)
+            with torch.no_grad():
+                latents = flow.sample(
+                    velocity, latents, sigmas, sampler, dynamic_thresholding_ratio, callback, trajectory
+                )
+            images = self.decode_latents(latents)
+        finally:
+            self.transformer.record_routing(None)
+            if self.num_experts:
+                self.transformer.set_routing(None, 1.0)
+
+        parameters = []
+        for i, img in enumerate(images):
+            params = {
+                "prompt": prompts[i],
+                "negative_prompt": negatives[i],
+                "steps": steps,
+                "sampler": sampler,
+                "guidance_scale": guidance,
+                "seed": seeds[i],
+                "height": height,
+                "width": width,
+                "model": self.name,
+                "shift": shift,
+                "strength": strength if image is not None else None,
+                "flow_temperature": flow_temperature if flow_temperature != 1.0 else None,
+                "dynamic_thresholding_ratio": dynamic_thresholding_ratio,
+                "expert_weights": _jsonable(expert_weights),
+                "router_temperature": router_temperature if router_temperature != 1.0 else None,
+                "max_sequence_length": max_sequence_length if max_sequence_length != 256 else None,
+            }
+            img.info["parameters"] = format_parameters(params)
+            parameters.append(params)
+        return GenerationOutput(images, latents, seeds, parameters, trajectory, routing)
+
+    def _validate(
+        self,
+        steps: int,
+        guidance: float,
+        sampler: str,
+        flow_temperature: float,
+        max_sequence_length: int,
+        num_images: int,
+        height: int,
+        width: int,
+    ) -> None:
+        if not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise ValueError(f"num_inference_steps must be an integer between 1 and 1000, got {steps!r}")
+        if not 0 <= guidance <= 100:
+            raise ValueError(f"guidance_scale must be between 0 and 100, got {guidance}")
+        if sampler not in flow.SAMPLERS:
+            raise ValueError(f"sampler must be one of {flow.SAMPLERS}, got {sampler!r}")
+        if not 0 < flow_temperature <= 10:
+            raise ValueError(f"flow_temperature must be in (0, 10], got {flow_temperature}")
+        if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length must be an integer in [1, 512], got {max_sequence_length!r}")
+        if not isinstance(num_images, int) or not 1 <= num_images <= 64:
+            raise ValueError(f"num_images must be an integer in [1, 64], got {num_images!r}")
+        self.check_size(height, width)
+
+    @staticmethod
+    def _reject_expert_weights(expert_weights: object) -> None:
+        if expert_weights is not None:
+            raise ValueError("expert_weights was given but this model has no Mixture-of-Experts layers")
+
+    @staticmethod
+    def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
+        if seed is None or (isinstance(seed, int) and seed < 0):
+            seed = random.randint(0, MAX_SEED)
+        if isinstance(seed, int):
+            if seed + count - 1 > MAX_SEED:
+                raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+            return [seed + i for i in range(count)]
+        seeds = [int(s) for s in seed]
+        if len(seeds) != count:
+            raise ValueError(f"seed lists {len(seeds)} seeds for {count} images")
+        if any(not 0 <= s <= MAX_SEED for s in seeds):
+            raise ValueError(f"every seed must be between 0 and {MAX_SEED}, got {seeds}")
+        return seeds
+
+    def _start_latents(
+        self,
+        seeds: list[int],
+        height: int,
+        width: int,
+        image: Image.Image | torch.Tensor | None,
+        sigmas: torch.Tensor,
+        flow_temperature: float,
+        initial_latents: torch.Tensor | None,
+        count: int,
+    ) -> torch.Tensor:
+        """Starting latents: per image, its seed's generator draws the VAE posterior sample (image→image) and then
+        the noise, which is scaled by ``flow_temperature`` and mixed with the clean latent at ``sigmas[0]``."""
+        factor = self.vae_scale_factor
+        shape = (1, self.transformer.config.in_channels, height // factor, width // factor)
+        if initial_latents is not None and tuple(initial_latents.shape) != (count, *shape[1:]):
+            raise ValueError(
+                f"initial_latents must have shape {(count, *shape[1:])}, got {tuple(initial_latents.shape)}"
+            )
+        pixels = image_to_tensor(image, height, width) if image is not None else None
+        start = []
+        for i, seed in enumerate(seeds):
+            generator = torch.Generator("cpu").manual_seed(seed)
+            clean = self.encode_image(pixels, generator).cpu() if pixels is not None else None
+            if initial_latents is not None:
+                noise = initial_latents[i : i + 1].float().cpu()
+            else:
+                noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            noise = noise * flow_temperature
+            start.append(noise if clean is None else flow.add_noise(clean, noise, float(sigmas[0])))
+        return torch.cat(start).to(self.device)
+
+    def _conditioning(
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        guidance: float,
+        max_sequence_length: int,
+        prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        use_cfg = guidance > 1.0
+        if prompt_embeds is None:
+            return self.encode_prompts(prompts, negatives if use_cfg else None, max_sequence_length)
+        embeds, pooled = (t.to(self.device, self.dtype) for t in prompt_embeds)
+        if not use_cfg:
+            return embeds, pooled
+        neg_embeds, neg_pooled = self.encode_prompts(negatives, None, max_sequence_length)
+        return torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
+
+    def _model_fn(self, embeds: torch.Tensor, pooled: torch.Tensor, routing: RoutingRecord | None):
+        """The transformer as ``model_fn(x, timestep)``; the routing record's step is the model-evaluation index
+        (the sampler step for euler and dpmpp_2m; two evaluations per step for heun)."""
+        step = {"n": 0}
+
+        def model_fn(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            if routing is not None:
+                routing.step = step["n"]
+                step["n"] += 1
+            out = self.transformer(x.to(self.device, self.dtype), embeds, pooled, timestep.to(self.device))
+            return out.float()
+
+        return model_fn
+
+
+def _jsonable(weights: object) -> object:
+    if weights is None:
+        return None
+    if isinstance(weights, dict):
+        return {str(k): [float(x) for x in v] for k, v in weights.items()}
+    return [float(x) for x in weights]

@@ -1,0 +1,344 @@
+"""Training the embedded model on ShapesWorld: first the VAE, then text encoders + MoE-MMDiT with rectified flow.
+
+Objective (SD3): ``x_t = (1 − t)·x0 + t·ε``, target ``v = ε − x0``, t logit-normal(0, 1) then shifted by
+resolution (``s = sqrt(N / 64)`` for N image tokens), plus the MoE load-balancing loss. Classifier-free guidance
+is learned through empty captions, random word masking and independent dropout of the CLIP and T5 conditioning.
+Runs on CPU with bf16 autocast where the CPU has fast bf16 (AMX / AVX-512 BF16), keeps an EMA of the weights,
+clips gradients, logs loss per timestep bin, and checkpoints (safetensors + JSON) so a run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from workbench.models.vae import AutoencoderKL
+from workbench.pipeline import Pipeline
+from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
+from workbench.shapesworld.world import make_batch
+
+SIZES = ((128, 128), (128, 128), (128, 128), (96, 96), (160, 160), (96, 128), (128, 96), (160, 128), (128, 160))
+TIME_BINS = 10
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one stage; stored beside the checkpoint."""
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    aux_loss_weight: float = 0.01
+    caption_dropout: float = 0.1
+    encoder_dropout: float = 0.1
+    word_mask_prob: float = 0.1
+    kl_weight: float = 1e-6
+    vae_crop: int = 64
+    checkpoint_every: int = 200
+    seed: int = 0
+    bf16: bool | None = None
+    threads: int | None = None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU advertises AMX or AVX-512 BF16 (bf16 matmuls then beat fp32 several times)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, config.warmup))
+    progress = min(1.0, step / max(1, config.steps))
+    return config.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters, with the usual warm-up."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for key, value in module.state_dict().items():
+            if key in self.shadow:
+                self.shadow[key].lerp_(value.float(), 1 - decay)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        state = module.state_dict()
+        state.update({k: v.to(state[k].dtype) for k, v in self.shadow.items()})
+        module.load_state_dict(state)
+
+
+def _checkpoint_paths(run: Path, stage: str) -> tuple[Path, Path]:
+    return run / f"{stage}.safetensors", run / f"{stage}.json"
+
+
+def _save_checkpoint(run: Path, stage: str, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    weights, meta = _checkpoint_paths(run, stage)
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(weights)
+    meta.write_text(json.dumps(state, indent=1))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for param, state in optimizer.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                out[f"opt.{names[id(param)]}.{key}"] = state[key]
+        if "step" in state:
+            out[f"opt.{names[id(param)]}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+    return out
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter], tensors: dict) -> None:
+    for name, param in named.items():
+        if f"opt.{name}.exp_avg" in tensors:
+            optimizer.state[param] = {
+                "exp_avg": tensors[f"opt.{name}.exp_avg"].clone(),
+                "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].clone(),
+                "step": tensors[f"opt.{name}.step"].reshape(()).clone(),
+            }
+
+
+def _setup(config: TrainConfig) -> bool:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return cpu_has_fast_bf16() if config.bf16 is None else config.bf16
+
+
+def _batch(step: int, config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+    height, width = SIZES[random.Random(config.seed * 1_000_003 + step).randrange(len(SIZES))]
+    return make_batch(config.seed * 1_000_003 + step, config.batch_size, height, width, caption_style="any")
+
+
+# ----------------------------------------------------------------------------------------------------------- VAE
+
+
+def random_crop(images: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """One random ``size``×``size`` window of a batch ``(B, 3, H, W)`` (the VAE is convolutional)."""
+    rng = random.Random(seed)
+    top, left = rng.randrange(images.shape[2] - size + 1), rng.randrange(images.shape[3] - size + 1)
+    return images[:, :, top : top + size, left : left + size]
+
+
+def train_vae(run: Path, spec: ShapesWorldSpec, config: TrainConfig, progress: bool = True) -> AutoencoderKL:
+    """Train the autoencoder (L1 + MSE reconstruction, tiny KL); resumes from ``run/vae.safetensors``."""
+    bf16 = _setup(config)
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL(spec.vae_config())
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    named = dict(vae.named_parameters())
+    names = {id(p): n for n, p in named.items()}
+    start = 0
+    weights, meta = _checkpoint_paths(run, "vae")
+    if weights.is_file():
+        tensors = load_file(str(weights))
+        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _restore_optimizer(optimizer, named, tensors)
+        start = json.loads(meta.read_text())["step"]
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="vae", disable=not progress)
+    log = (run / "vae_log.jsonl").open("a")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        images = random_crop(_batch(step, config)[0], config.vae_crop, step)
+        with _autocast(bf16):
+            posterior = vae.encode(images)
+            recon = vae.decode(posterior.sample()).float()
+        loss_rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        loss = loss_rec + config.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+        optimizer.step()
+        bar.set_postfix(rec=f"{loss_rec.item():.4f}")
+        log.write(json.dumps({"step": step, "rec": loss_rec.item(), "time": time.time()}) + "\n")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
+            tensors.update(_optimizer_tensors(optimizer, names))
+            _save_checkpoint(run, "vae", tensors, {"step": step + 1, "config": asdict(config)})
+            log.flush()
+    log.close()
+    calibrate_latent_scale(vae, config)
+    return vae.eval()
+
+
+@torch.no_grad()
+def calibrate_latent_scale(vae: AutoencoderKL, config: TrainConfig, batches: int = 8) -> None:
+    """Set ``shift_factor`` and ``scaling_factor`` so that scaled latents have zero mean and unit variance."""
+    latents = []
+    for i in range(batches):
+        images, _ = make_batch(10_000_000 + i, 32, 128, 128, caption_style="any")
+        latents.append(vae.encode(images).mode())
+    stacked = torch.cat(latents)
+    vae.config.shift_factor = float(stacked.mean())
+    vae.config.scaling_factor = float(1.0 / (stacked - stacked.mean()).std())
+
+
+def load_trained_vae(run: Path, spec: ShapesWorldSpec, config: TrainConfig) -> AutoencoderKL:
+    weights, _ = _checkpoint_paths(run, "vae")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: train the VAE first (python -m workbench.shapesworld train --stage vae)")
+    vae = AutoencoderKL(spec.vae_config())
+    vae.load_state_dict({k[6:]: v for k, v in load_file(str(weights)).items() if k.startswith("model.")})
+    calibrate_latent_scale(vae.eval(), config)
+    return vae.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------- transformer
+
+
+def mask_words(caption: str, rng: random.Random, prob: float, unknown: str = "xq") -> str:
+    """Replace each word by the unknown token with probability ``prob`` (robustness to unseen words)."""
+    return " ".join(unknown if rng.random() < prob else w for w in caption.split())
+
+
+def _condition(
+    pipe: Pipeline, captions: list[str], step: int, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = random.Random(step * 7 + 1)
+    captions = [
+        "" if rng.random() < config.caption_dropout else mask_words(c, rng, config.word_mask_prob) for c in captions
+    ]
+    embeds, pooled = pipe.text_encoders.embed(captions, max_sequence_length=pipe.text_encoders.t5_sequence_length())
+    clip_length = pipe.text_encoders.tokenizer_max_length
+    keep_clip = torch.tensor([rng.random() >= config.encoder_dropout for _ in captions], dtype=embeds.dtype)
+    keep_t5 = torch.tensor([rng.random() >= config.encoder_dropout for _ in captions], dtype=embeds.dtype)
+    mask = torch.ones(embeds.shape[:2] + (1,), dtype=embeds.dtype)
+    mask[:, :clip_length] = keep_clip[:, None, None]
+    mask[:, clip_length:] = keep_t5[:, None, None]
+    return embeds * mask, pooled * keep_clip[:, None]
+
+
+def sample_timesteps(batch: int, tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """Logit-normal(0, 1) times, shifted for resolution with ``s = sqrt(tokens / 64)``."""
+    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    s = math.sqrt(tokens / 64)
+    return s * t / (1 + (s - 1) * t)
+
+
+def flow_loss(
+    pipe: Pipeline, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample rectified-flow loss ``‖v_θ(x_t, t) − (ε − x0)‖²`` and the times t used."""
+    batch = latents.shape[0]
+    tokens = latents.shape[-2] * latents.shape[-1] // pipe.transformer.config.patch_size**2
+    t = sample_timesteps(batch, tokens, generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
+    prediction = pipe.transformer(x_t, embeds, pooled, t * 1000).float()
+    return (prediction - (noise - latents)).pow(2).flatten(1).mean(1), t
+
+
+def train_transformer(
+    run: Path, spec: ShapesWorldSpec, config: TrainConfig, vae: AutoencoderKL, progress: bool = True
+) -> Pipeline:
+    """Train text encoders and MMDiT jointly on frozen-VAE latents; resumes from ``run/transformer.safetensors``.
+    Returns the pipeline holding the EMA weights."""
+    bf16 = _setup(config)
+    run.mkdir(parents=True, exist_ok=True)
+    pipe = build_pipeline(spec, config.seed, vae=vae)
+    modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "text": pipe.text_encoders})
+    modules.train()
+    named = dict(modules.named_parameters())
+    names = {id(p): n for n, p in named.items()}
+    decay = [p for n, p in named.items() if p.dim() >= 2]
+    no_decay = [p for n, p in named.items() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.99),
+    )
+    ema = EMA(modules, config.ema_decay)
+    start, bins = 0, {"sum": [0.0] * TIME_BINS, "count": [0] * TIME_BINS}
+    weights, meta = _checkpoint_paths(run, "transformer")
+    if weights.is_file():
+        tensors = load_file(str(weights))
+        modules.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.shadow.update({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
+        _restore_optimizer(optimizer, named, tensors)
+        start = json.loads(meta.read_text())["step"]
+    generator = torch.Generator().manual_seed(config.seed + start)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="mmdit", disable=not progress)
+    log = (run / "transformer_log.jsonl").open("a")
+    running = None
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        images, captions = _batch(step, config)
+        with torch.no_grad(), _autocast(bf16):
+            latents = vae.scale_latents(vae.encode(images).sample(generator).float())
+        with _autocast(bf16):
+            embeds, pooled = _condition(pipe, captions, step, config)
+            per_sample, t = flow_loss(pipe, latents, embeds, pooled, generator)
+            aux = pipe.transformer.aux_loss()
+        loss = per_sample.mean() + config.aux_loss_weight * aux.float()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(modules.parameters(), config.grad_clip)
+        optimizer.step()
+        ema.update(modules, step)
+        for value, time_value in zip(per_sample.tolist(), t.tolist()):
+            index = min(TIME_BINS - 1, int(time_value * TIME_BINS))
+            bins["sum"][index] += value
+            bins["count"][index] += 1
+        running = per_sample.mean().item() if running is None else 0.98 * running + 0.02 * per_sample.mean().item()
+        bar.set_postfix(loss=f"{running:.4f}", aux=f"{aux.item():.3f}")
+        record = {"step": step, "loss": per_sample.mean().item(), "aux": aux.item(), "grad": float(grad_norm)}
+        log.write(json.dumps(record) + "\n")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            per_bin = [s / c if c else None for s, c in zip(bins["sum"], bins["count"])]
+            log.write(json.dumps({"step": step + 1, "loss_per_time_bin": per_bin}) + "\n")
+            bins = {"sum": [0.0] * TIME_BINS, "count": [0] * TIME_BINS}
+            tensors = {f"model.{k}": v for k, v in modules.state_dict().items()}
+            tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+            tensors.update(_optimizer_tensors(optimizer, names))
+            _save_checkpoint(run, "transformer", tensors, {"step": step + 1, "config": asdict(config)})
+            log.flush()
+    log.close()
+    ema.copy_to(modules)
+    modules.eval()
+    pipe.transformer.requires_grad_(False)
+    pipe.text_encoders.requires_grad_(False)
+    return pipe
+
+
+def load_ema_pipeline(run: Path, spec: ShapesWorldSpec, config: TrainConfig) -> Pipeline:
+    """The pipeline with the EMA weights of the latest transformer checkpoint and the trained VAE."""
+    vae = load_trained_vae(run, spec, config)
+    pipe = build_pipeline(spec, config.seed, vae=vae)
+    modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "text": pipe.text_encoders})
+    weights, _ = _checkpoint_paths(run, "transformer")
+    tensors = load_file(str(weights))
+    state = modules.state_dict()
+    state.update({k[4:]: v.to(state[k[4:]].dtype) for k, v in tensors.items() if k.startswith("ema.")})
+    modules.load_state_dict(state)
+    modules.eval().requires_grad_(False)
+    return pipe
