@@ -1,0 +1,114 @@
+"""``python -m workbench.shapesworld``: render data, train the embedded model, export it, evaluate any model.
+
+    python -m workbench.shapesworld train --stage all --run runs/shapesworld    # VAE, then text + MMDiT
+    python -m workbench.shapesworld export --run runs/shapesworld               # → models/shapesworld-moe
+    python -m workbench.shapesworld eval --n 200                                # accuracy table from pixels
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from workbench.shapesworld.cli_data import add_data_commands
+
+
+def _train(args: argparse.Namespace) -> int:
+    from workbench.shapesworld.model import ShapesWorldSpec
+    from workbench.shapesworld.train import TrainConfig, load_trained_vae, train_transformer, train_vae
+
+    spec = ShapesWorldSpec.micro() if args.micro else ShapesWorldSpec()
+    run = Path(args.run)
+    common = dict(seed=args.seed, threads=args.threads, checkpoint_every=args.checkpoint_every)
+    if args.stage in ("vae", "all"):
+        vae_config = TrainConfig(steps=args.vae_steps, batch_size=32, lr=1e-3, warmup=50, **common)
+        train_vae(run, spec, vae_config)
+    if args.stage in ("transformer", "all"):
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=100, **common)
+        vae = load_trained_vae(run, spec, config)
+        train_transformer(run, spec, config, vae)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from workbench.loading import EMBEDDED_MODEL
+    from workbench.shapesworld.export import export_run, folder_size_mb
+
+    out = export_run(
+        Path(args.run),
+        Path(args.out) if args.out else EMBEDDED_MODEL,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        shift=args.shift,
+    )
+    print(f"{out} ({folder_size_mb(out):.1f} MB)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from workbench import load_pipeline
+    from workbench.shapesworld.evaluate import evaluate, format_table
+
+    pipe = load_pipeline(args.model, quantization=args.quantization)
+    settings = dict(
+        num_inference_steps=args.steps, guidance_scale=args.guidance, shift=args.shift, sampler=args.sampler
+    )
+
+    def generate(captions: list[str], seeds: list[int]):
+        return pipe(captions, seed=list(seeds), height=args.size, width=args.size, **settings).images
+
+    start = time.perf_counter()
+    results = evaluate(generate, n=args.n, seed=args.seed, kind=args.kind, height=args.size, width=args.size)
+    print(format_table(results))
+    print(f"\n{args.n} captions per kind, seed {args.seed}, {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workbench.shapesworld", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train the embedded model (resumes an interrupted run)")
+    train.add_argument("--run", default="runs/shapesworld", help="checkpoint folder")
+    train.add_argument("--stage", choices=["vae", "transformer", "all"], default="all")
+    train.add_argument("--vae-steps", type=int, default=800)
+    train.add_argument("--steps", type=int, default=2000, help="transformer steps")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=4e-4)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--micro", action="store_true", help="seconds-sized model (smoke test)")
+    train.set_defaults(run_command=_train)
+    export = commands.add_parser("export", help="write the run's EMA weights as the model folder")
+    export.add_argument("--run", default="runs/shapesworld")
+    export.add_argument("--out", default=None, help="default: models/shapesworld-moe")
+    export.add_argument("--steps", type=int, default=None)
+    export.add_argument("--guidance", type=float, default=None)
+    export.add_argument("--shift", type=float, default=None)
+    export.set_defaults(run_command=_export)
+    ev = commands.add_parser("eval", help="accuracy of a model on fresh canonical captions, read from pixels")
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--n", type=int, default=200)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--kind", choices=["one", "two", "both"], default="both")
+    ev.add_argument("--size", type=int, default=128)
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--shift", type=float, default=None)
+    ev.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
+    ev.add_argument("--quantization", default=None, choices=["int8", "nf4", "fp4"])
+    ev.set_defaults(run_command=_eval)
+    add_data_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = getattr(args, "run_command", None) or args.run
+    return int(handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

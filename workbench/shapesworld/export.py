@@ -1,0 +1,51 @@
+"""Turning a training run into the shipped model folder (diffusers layout, float16 weights, measured defaults)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from workbench.loading import EMBEDDED_MODEL, save_pipeline
+from workbench.models.vae import fit_latent_rgb_factors
+from workbench.pipeline import Pipeline
+from workbench.shapesworld.model import ShapesWorldSpec
+from workbench.shapesworld.train import TrainConfig, load_ema_pipeline
+from workbench.shapesworld.world import make_batch
+
+
+@torch.no_grad()
+def fit_preview(pipe: Pipeline, batches: int = 4) -> None:
+    """Fit the linear latent→RGB preview of this VAE and store it in the pipeline's defaults."""
+    latents, images = [], []
+    for i in range(batches):
+        batch, _ = make_batch(20_000_000 + i, 16, 128, 128, caption_style="any")
+        latents.append(pipe.vae.scale_latents(pipe.vae.encode(batch).mode()))
+        images.append(batch)
+    matrix, bias = fit_latent_rgb_factors(torch.cat(latents), torch.cat(images), ridge=1e-3)
+    pipe.defaults.latent_rgb_factors = matrix.tolist()
+    pipe.defaults.latent_rgb_bias = bias.tolist()
+
+
+def export_run(run: Path, out: Path = EMBEDDED_MODEL, spec: ShapesWorldSpec | None = None, **defaults: object) -> Path:
+    """Write the EMA weights of ``run`` as a model folder at ``out`` (replacing it); ``defaults`` override the
+    generation defaults (steps, guidance, shift …) recorded in ``model_index.json``."""
+    spec = spec or ShapesWorldSpec()
+    pipe = load_ema_pipeline(run, spec, TrainConfig())
+    for key, value in defaults.items():
+        if value is not None:
+            setattr(pipe.defaults, key, value)
+    fit_preview(pipe)
+    staging = out.with_name(out.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_pipeline(pipe, staging, extra={"name": pipe.name}, weight_dtype=torch.float16)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
+def folder_size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
