@@ -175,20 +175,28 @@ def load_vae(folder: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     return vae.to(dtype).eval().requires_grad_(False)
 
 
-def save_component(module: torch.nn.Module, config: dict, folder: Path) -> None:
-    """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers layout)."""
+def save_component(module: torch.nn.Module, config: dict, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers layout); floating-point
+    weights are stored in ``dtype`` when given (e.g. float16 to halve the download)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+        for k, v in module.state_dict().items()
+    }
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def save_pipeline(pipe: Pipeline, folder: str | Path, extra: dict | None = None) -> Path:
-    """Save a pipeline in the diffusers folder layout, with the generation defaults under ``workbench``."""
+def save_pipeline(
+    pipe: Pipeline, folder: str | Path, extra: dict | None = None, weight_dtype: torch.dtype | None = None
+) -> Path:
+    """Save a pipeline in the diffusers folder layout, with the generation defaults under ``workbench``;
+    transformer and VAE weights in ``weight_dtype`` when given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_component(pipe.transformer, pipe.transformer.config.to_dict(), folder / "transformer")
-    save_component(pipe.vae, {"_class_name": "AutoencoderKL", **pipe.vae.config.to_dict()}, folder / "vae")
+    save_component(pipe.transformer, pipe.transformer.config.to_dict(), folder / "transformer", weight_dtype)
+    vae_config = {"_class_name": "AutoencoderKL", **pipe.vae.config.to_dict()}
+    save_component(pipe.vae, vae_config, folder / "vae", weight_dtype)
     pipe.text_encoders.save_pretrained(folder)
     scheduler = {
         "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -315,9 +323,12 @@ def convert_original_transformer(state: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def infer_transformer_config(state: dict[str, torch.Tensor]) -> MMDiTConfig:
-    """Transformer config from diffusers-named tensor shapes (head size 64, as in every SD3-family model)."""
+    """Transformer config from diffusers-named tensor shapes. The head size is read from the qk-norm weights when
+    present, else 64 (every SD3-family model)."""
     proj = state["pos_embed.proj.weight"]
     inner, patch = proj.shape[0], proj.shape[-1]
+    norm_q = state.get("transformer_blocks.0.attn.norm_q.weight")
+    head_dim = int(norm_q.shape[0]) if norm_q is not None else 64
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
     dual = tuple(i for i in range(depth) if f"transformer_blocks.{i}.attn2.to_q.weight" in state)
     pos = state.get("pos_embed.pos_embed")
@@ -326,8 +337,8 @@ def infer_transformer_config(state: dict[str, torch.Tensor]) -> MMDiTConfig:
         patch_size=patch,
         in_channels=proj.shape[1],
         num_layers=depth,
-        attention_head_dim=64,
-        num_attention_heads=inner // 64,
+        attention_head_dim=head_dim,
+        num_attention_heads=inner // head_dim,
         joint_attention_dim=state["context_embedder.weight"].shape[1],
         caption_projection_dim=state["context_embedder.weight"].shape[0],
         pooled_projection_dim=state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
@@ -371,6 +382,8 @@ def convert_original_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def infer_vae_config(state: dict[str, torch.Tensor]) -> VAEConfig:
+    """VAE config from tensor shapes; GroupNorm's group count is not stored, so it is min(32, narrowest level)
+    (32 for every SD3-family VAE)."""
     levels = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
     channels = [state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)]
     per_block = 1 + max(
@@ -383,6 +396,8 @@ def infer_vae_config(state: dict[str, torch.Tensor]) -> VAEConfig:
         "latent_channels": state["encoder.conv_out.weight"].shape[0] // 2,
         "use_quant_conv": "quant_conv.weight" in state,
         "use_post_quant_conv": "post_quant_conv.weight" in state,
+        "mid_block_add_attention": "encoder.mid_block.attentions.0.to_q.weight" in state,
+        "norm_num_groups": min(32, min(channels)),
     }
     return VAEConfig.from_dict(data)
 

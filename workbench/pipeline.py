@@ -37,6 +37,8 @@ class GenerationDefaults:
     sampler: str = "euler"
     prompt: str = ""
     negative_prompt: str = ""
+    latent_rgb_factors: list[list[float]] | None = None
+    latent_rgb_bias: list[float] | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationDefaults:
@@ -164,6 +166,16 @@ class Pipeline:
         with torch.no_grad():
             decoded = self.vae.decode(self.vae.unscale_latents(latents).to(self.device, vae_dtype))
         return tensor_to_images(decoded)
+
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Cheap live preview of scaled latents ``(B, C, h, w)`` through a linear latent→RGB map (the model's
+        fitted factors when it has them, else SD3's), at latent resolution."""
+        from workbench.models.vae import latent_to_rgb_preview
+
+        d = self.defaults
+        factors = torch.tensor(d.latent_rgb_factors) if d.latent_rgb_factors else None
+        bias = torch.tensor(d.latent_rgb_bias) if d.latent_rgb_bias else None
+        return latent_to_rgb_preview(latents.float().cpu(), factors, bias, as_pil=True)
 
     def initial_noise(self, seed: int, height: int, width: int) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(seed)

@@ -1,8 +1,8 @@
 """``python -m workbench.shapesworld``: render data, train the embedded model, export it, evaluate any model.
 
-    python -m workbench.shapesworld train --stage all --run runs/shapesworld    # VAE, then text + MMDiT
-    python -m workbench.shapesworld export --run runs/shapesworld               # → models/shapesworld-moe
-    python -m workbench.shapesworld eval --n 200                                # accuracy table from pixels
+python -m workbench.shapesworld train --stage all --run runs/shapesworld    # VAE, then text + MMDiT
+python -m workbench.shapesworld export --run runs/shapesworld               # → models/shapesworld-moe
+python -m workbench.shapesworld eval --n 200                                # accuracy table from pixels
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     run = Path(args.run)
     common = dict(seed=args.seed, threads=args.threads, checkpoint_every=args.checkpoint_every)
     if args.stage in ("vae", "all"):
-        vae_config = TrainConfig(steps=args.vae_steps, batch_size=32, lr=1e-3, warmup=50, **common)
+        vae_config = TrainConfig(steps=args.vae_steps, batch_size=16, lr=1e-3, warmup=50, **common)
         train_vae(run, spec, vae_config)
     if args.stage in ("transformer", "all"):
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=100, **common)
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the embedded model (resumes an interrupted run)")
     train.add_argument("--run", default="runs/shapesworld", help="checkpoint folder")
     train.add_argument("--stage", choices=["vae", "transformer", "all"], default="all")
-    train.add_argument("--vae-steps", type=int, default=800)
+    train.add_argument("--vae-steps", type=int, default=1000)
     train.add_argument("--steps", type=int, default=2000, help="transformer steps")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=4e-4)

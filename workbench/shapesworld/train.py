@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -46,7 +45,7 @@ class TrainConfig:
     encoder_dropout: float = 0.1
     word_mask_prob: float = 0.1
     kl_weight: float = 1e-6
-    vae_crop: int = 64
+    foreground_weight: float = 20.0
     checkpoint_every: int = 200
     seed: int = 0
     bf16: bool | None = None
@@ -140,11 +139,17 @@ def _batch(step: int, config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
 # ----------------------------------------------------------------------------------------------------------- VAE
 
 
-def random_crop(images: torch.Tensor, size: int, seed: int) -> torch.Tensor:
-    """One random ``size``×``size`` window of a batch ``(B, 3, H, W)`` (the VAE is convolutional)."""
-    rng = random.Random(seed)
-    top, left = rng.randrange(images.shape[2] - size + 1), rng.randrange(images.shape[3] - size + 1)
-    return images[:, :, top : top + size, left : left + size]
+def _vae_batch(step: int, config: TrainConfig) -> torch.Tensor:
+    """Whole 96×96 scenes (the smallest canvas: every crop-free image holds its objects)."""
+    return make_batch(config.seed * 1_000_003 + step, config.batch_size, 96, 96, caption_style="any")[0]
+
+
+def foreground_weight(images: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weight ``(B, 1, H, W)``: ``1 + weight`` on object pixels (those differing from the
+    top-left background pixel), 1 elsewhere, so that small objects are not drowned by the flat background."""
+    background = images[:, :, :1, :1]
+    mask = ((images - background).abs().sum(dim=1, keepdim=True) > 0.05).float()
+    return 1.0 + weight * mask
 
 
 def train_vae(run: Path, spec: ShapesWorldSpec, config: TrainConfig, progress: bool = True) -> AutoencoderKL:
@@ -168,11 +173,13 @@ def train_vae(run: Path, spec: ShapesWorldSpec, config: TrainConfig, progress: b
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        images = random_crop(_batch(step, config)[0], config.vae_crop, step)
+        images = _vae_batch(step, config)
         with _autocast(bf16):
             posterior = vae.encode(images)
             recon = vae.decode(posterior.sample()).float()
-        loss_rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        weight = foreground_weight(images, config.foreground_weight)
+        error = (recon - images).abs() + (recon - images).pow(2)
+        loss_rec = (weight * error).mean() / weight.mean()
         loss = loss_rec + config.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

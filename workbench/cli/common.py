@@ -1,0 +1,76 @@
+"""Arguments shared by the generating commands: model choice and sampling settings."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Not a command: this module only provides helpers."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="diffusers folder, .safetensors file or repo id (default: embedded)"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--quantization", default=None, choices=["int8", "nf4", "fp4"])
+    parser.add_argument("--offload", default=None, choices=["model", "sequential"])
+    parser.add_argument("--text-encoders-from", default=None, help="diffusers folder with tokenizers (single files)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
+    parser.add_argument("--shift", type=float, default=None)
+    parser.add_argument("--max-sequence-length", type=int, default=256)
+    parser.add_argument("--expert-weights", default=None, help="comma-separated weight per expert, e.g. 1,0.5,1,1")
+    parser.add_argument("--router-temperature", type=float, default=1.0)
+    parser.add_argument("--flow-temperature", type=float, default=1.0)
+    parser.add_argument("--dynamic-thresholding", type=float, default=None)
+
+
+def load_from_args(args: argparse.Namespace):
+    from workbench import load_pipeline
+
+    return load_pipeline(
+        args.model,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+        quantization=args.quantization,
+        offload=args.offload,
+        text_encoders_from=args.text_encoders_from,
+    )
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    weights = None
+    if args.expert_weights:
+        try:
+            weights = [float(w) for w in args.expert_weights.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--expert-weights must be comma-separated numbers, got {args.expert_weights!r}") from err
+    return dict(
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        sampler=args.sampler,
+        shift=args.shift,
+        max_sequence_length=args.max_sequence_length,
+        expert_weights=weights,
+        router_temperature=args.router_temperature,
+        flow_temperature=args.flow_temperature,
+        dynamic_thresholding_ratio=args.dynamic_thresholding,
+    )

@@ -1,0 +1,61 @@
+"""``python -m workbench generate``: one prompt to one PNG, or a prompts file to a folder of PNGs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from workbench.cli.common import add_model_arguments, add_sampling_arguments, load_from_args, sampling_kwargs
+from workbench.metadata import save_png
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="text→image or image→image to PNG files")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt")
+    source.add_argument("--prompts-file", help="one prompt per non-empty line; line i uses seed + i")
+    parser.add_argument("--out", default="output.png", help="output PNG (single prompt)")
+    parser.add_argument("--out-dir", default="outputs", help="output folder (prompts file): 0000.png, 0001.png, …")
+    parser.add_argument("--init-image", default=None, help="image→image: the starting image")
+    parser.add_argument("--strength", type=float, default=0.6)
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def _step_bar(total: int | None, description: str):
+    bar = tqdm(total=total, desc=description, unit="step", leave=False)
+
+    def callback(step: int, sigma: float, latents) -> None:
+        bar.update(1)
+
+    return bar, callback
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts-file {args.prompts_file} holds no non-empty line")
+    else:
+        prompts = [args.prompt]
+    pipe = load_from_args(args)
+    kwargs = sampling_kwargs(args)
+    image = Image.open(args.init_image).convert("RGB") if args.init_image else None
+    if image is not None:
+        kwargs.update(image=image, strength=args.strength)
+    steps = kwargs["num_inference_steps"] or pipe.defaults.num_inference_steps
+    outputs = []
+    for i, prompt in enumerate(tqdm(prompts, desc="images", disable=len(prompts) == 1)):
+        bar, callback = _step_bar(steps, f"image {i + 1}/{len(prompts)}")
+        result = pipe(prompt, seed=args.seed + i, callback=callback, **kwargs)
+        bar.close()
+        path = Path(args.out_dir) / f"{i:04d}.png" if args.prompts_file else Path(args.out)
+        outputs.append(save_png(result.images[0], path))
+    for path in outputs:
+        print(path)
+    return 0
