@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,17 +43,22 @@ def _pickle_message(path: Path) -> str:
     )
 
 
-def read_safetensors(path: str | Path, prefix: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of one safetensors file (only keys starting with ``prefix``, prefix kept), optionally cast."""
-    path = Path(path)
+def _check_safetensors_path(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelFormatError(_pickle_message(path))
     if not path.is_file():
         raise ModelFormatError(f"{path}: file not found")
     with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        head = handle.read(9)
+    looks_safetensors = head[8:9] == b"{"
+    if not looks_safetensors and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise ModelFormatError(_pickle_message(path))
+
+
+def read_safetensors(path: str | Path, prefix: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file (only keys starting with ``prefix``, prefix kept), optionally cast."""
+    path = Path(path)
+    _check_safetensors_path(path)
     try:
         tensors = {}
         with safe_open(str(path), framework="pt") as f:
@@ -66,6 +72,43 @@ def read_safetensors(path: str | Path, prefix: str = "", dtype: torch.dtype | No
         raise ModelFormatError(
             f"{path}: not a readable safetensors file ({size} bytes; truncated or corrupt download?): {err}"
         ) from err
+
+
+def iter_safetensors(path: str | Path, reopen_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one safetensors file, one at a time, in file order. The file is memory-mapped; it is reopened
+    after every ``reopen_bytes`` read so that the pages already read leave the process's resident memory."""
+    path = Path(path)
+    _check_safetensors_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        start = 0
+        while start < len(keys):
+            read = 0
+            with safe_open(str(path), framework="pt") as f:
+                while start < len(keys) and read < reopen_bytes:
+                    tensor = f.get_tensor(keys[start])
+                    read += tensor.numel() * tensor.element_size()
+                    yield keys[start], tensor
+                    start += 1
+    except (SafetensorError, OSError) as err:
+        size = path.stat().st_size
+        raise ModelFormatError(
+            f"{path}: not a readable safetensors file ({size} bytes; truncated or corrupt download?): {err}"
+        ) from err
+
+
+def iter_component_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a diffusers component folder one at a time (single file or sharded)."""
+    single = folder / WEIGHTS_NAME
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    if single.is_file():
+        yield from iter_safetensors(single)
+    elif index.is_file():
+        for shard in sorted(set(read_json(index)["weight_map"].values())):
+            yield from iter_safetensors(folder / shard)
+    else:
+        _component_weights(folder, None)
 
 
 def read_json(path: Path) -> dict:
@@ -159,9 +202,31 @@ def build_transformer(config: MMDiTConfig, state: dict[str, torch.Tensor], dtype
     return model.eval().requires_grad_(False)
 
 
-def load_transformer(folder: Path, dtype: torch.dtype = torch.float32) -> MMDiT:
+def load_transformer(
+    folder: Path,
+    dtype: torch.dtype = torch.float32,
+    quantization: str | None = None,
+    device: str | torch.device = "cpu",
+    **quantize_options,
+) -> MMDiT:
+    """The transformer of a diffusers folder. With ``quantization`` it is built tensor by tensor from the file
+    (:func:`workbench.memory.stream_transformer`, options ``quantize_modulation`` and ``int8_backend``): the
+    full-precision weights are never all in memory. ``device`` is where quantized layers are placed."""
     config = MMDiTConfig.from_dict(read_json(folder / "config.json"))
-    return build_transformer(config, _component_weights(folder, None), dtype, str(folder))
+    if quantization is None:
+        return build_transformer(config, _component_weights(folder, None), dtype, str(folder))
+    from workbench import memory
+
+    try:
+        model = memory.stream_transformer(
+            config, iter_component_tensors(folder), dtype, quantization, device, source=str(folder), **quantize_options
+        )
+    except ModelFormatError:
+        raise
+    except ValueError as err:
+        raise ModelFormatError(f"weights do not match the transformer config: {err}") from err
+    _materialize(model)
+    return model
 
 
 def load_vae(folder: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
@@ -229,12 +294,18 @@ def _defaults_for(folder: Path, index: dict, transformer: MMDiT) -> GenerationDe
     return GenerationDefaults.from_dict(data)
 
 
-def load_diffusers_folder(folder: Path, device: str | torch.device, dtype: torch.dtype) -> Pipeline:
+def load_diffusers_folder(
+    folder: Path,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    quantization: str | None = None,
+    quantize_options: dict | None = None,
+) -> Pipeline:
     index = read_json(folder / "model_index.json")
     for component in ("transformer", "vae"):
         if not (folder / component).is_dir():
             raise ModelFormatError(f"{folder}: the model folder has no {component}/ subfolder")
-    transformer = load_transformer(folder / "transformer", dtype)
+    transformer = load_transformer(folder / "transformer", dtype, quantization, device, **(quantize_options or {}))
     vae = load_vae(folder / "vae", torch.float32 if dtype == torch.float16 and str(device) == "cpu" else dtype)
     config = transformer.config
     text = TextConditioner.from_folder(
@@ -472,10 +543,21 @@ def load_pipeline(
     offload: str | None = None,
     text_encoders_from: str | Path | None = None,
     download: bool = False,
+    *,
+    attention_chunk_size: int | None = None,
+    quantize_text_encoders: bool = False,
+    quantize_modulation: bool = False,
+    int8_backend: str = "auto",
+    cpu_kernels: bool | None = None,
+    vae_tile_threshold: int | None = None,
 ) -> Pipeline:
     """Load a model: ``None`` (the embedded ShapesWorld model), a diffusers folder, a Hugging Face repo id in the
-    local cache, or a single ``.safetensors`` checkpoint. ``quantization`` ∈ {None, "int8", "nf4", "fp4"};
-    ``offload`` ∈ {None, "model", "sequential"} (see :mod:`workbench.memory`)."""
+    local cache, or a single ``.safetensors`` checkpoint. ``quantization`` ∈ {None, "int8", "nf4", "fp4"} (a
+    diffusers folder's transformer is quantized while it is read); ``offload`` ∈ {None, "model", "sequential"};
+    the keyword options are those of :func:`workbench.memory.prepare`."""
+    from workbench import memory
+
+    memory.check_options(quantization, offload, attention_chunk_size, int8_backend, vae_tile_threshold)
     folder = resolve_model_path(path, download=download)
     if folder.is_file():
         if folder.suffix.lower() != ".safetensors":
@@ -484,12 +566,23 @@ def load_pipeline(
             raise ModelFormatError(f"{folder}: unsupported file type; expected a .safetensors checkpoint")
         pipe = load_single_file(folder, device, dtype, text_encoders_from)
     elif (folder / "model_index.json").is_file():
-        pipe = load_diffusers_folder(folder, device, dtype)
+        stream_device = "cpu" if offload is not None else device
+        options = {"quantize_modulation": quantize_modulation, "int8_backend": int8_backend}
+        pipe = load_diffusers_folder(folder, stream_device, dtype, quantization, options)
     else:
         raise ModelFormatError(
             f"{folder}: not a model folder (no model_index.json); expected a diffusers-layout folder with "
             "model_index.json, transformer/, vae/, text_encoder*/ and tokenizer*/"
         )
-    from workbench import memory
-
-    return memory.prepare(pipe, device=device, quantization=quantization, offload=offload)
+    return memory.prepare(
+        pipe,
+        device=device,
+        quantization=quantization,
+        offload=offload,
+        attention_chunk_size=attention_chunk_size,
+        quantize_text_encoders=quantize_text_encoders,
+        quantize_modulation=quantize_modulation,
+        int8_backend=int8_backend,
+        cpu_kernels=cpu_kernels,
+        vae_tile_threshold=vae_tile_threshold,
+    )

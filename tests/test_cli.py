@@ -1,0 +1,51 @@
+"""The command line: generate (single and batch), convert, and errors as messages with exit code 2."""
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from workbench.__main__ import main
+from workbench.metadata import read_parameters
+
+
+def test_generate_single_prompt(tiny_sd3_folder, tmp_path):
+    folder, _ = tiny_sd3_folder
+    out = tmp_path / "one.png"
+    args = ["generate", "--model", str(folder), "--prompt", "a red circle", "--steps", "2", "--seed", "9"]
+    assert main(args + ["--height", "32", "--width", "48", "--max-sequence-length", "32", "--out", str(out)]) == 0
+    image = Image.open(out)
+    assert image.size == (48, 32)
+    params = read_parameters(out)
+    assert params["prompt"] == "a red circle" and params["seed"] == 9 and params["steps"] == 2
+
+
+def test_generate_prompts_file_uses_seed_plus_line(tiny_sd3_folder, tmp_path):
+    folder, _ = tiny_sd3_folder
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n  a blue square  \na green star\n")
+    out_dir = tmp_path / "batch"
+    args = ["generate", "--model", str(folder), "--prompts-file", str(prompts), "--out-dir", str(out_dir)]
+    assert main(args + ["--steps", "1", "--seed", "100", "--height", "32", "--width", "32"]) == 0
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert files == ["0000.png", "0001.png", "0002.png"]
+    params = [read_parameters(out_dir / f) for f in files]
+    assert [p["seed"] for p in params] == [100, 101, 102]
+    assert [p["prompt"] for p in params] == ["a red circle", "a blue square", "a green star"]
+
+
+def test_bad_input_is_a_message_not_a_traceback(tiny_sd3_folder, tmp_path, capsys):
+    folder, _ = tiny_sd3_folder
+    code = main(["generate", "--model", str(folder), "--prompt", "x", "--height", "33", "--out", str(tmp_path / "x.png")])
+    assert code == 2
+    assert "height must be a positive multiple of 16, got 33" in capsys.readouterr().err
+    code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_convert_pickle_to_safetensors(tmp_path):
+    checkpoint = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.ones(2, 2)}}, checkpoint)
+    assert main(["convert", str(checkpoint)]) == 0
+    tensors = load_file(str(tmp_path / "old.safetensors"))
+    assert torch.equal(tensors["layer.weight"], torch.ones(2, 2))
