@@ -17,7 +17,13 @@ from workbench.shapesworld.cli_data import add_data_commands
 
 def _train(args: argparse.Namespace) -> int:
     from workbench.shapesworld.model import ShapesWorldSpec
-    from workbench.shapesworld.train import TrainConfig, load_trained_vae, train_transformer, train_vae
+    from workbench.shapesworld.train import (
+        TrainConfig,
+        finetune_decoder,
+        load_trained_vae,
+        train_transformer,
+        train_vae,
+    )
 
     spec = ShapesWorldSpec.micro() if args.micro else ShapesWorldSpec()
     run = Path(args.run)
@@ -25,6 +31,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.stage in ("vae", "all"):
         vae_config = TrainConfig(steps=args.vae_steps, batch_size=16, lr=1e-3, warmup=50, **common)
         train_vae(run, spec, vae_config)
+    if args.stage == "decoder":
+        decoder_config = TrainConfig(steps=args.steps, batch_size=16, lr=5e-4, warmup=20, **common)
+        finetune_decoder(run, spec, decoder_config)
     if args.stage in ("transformer", "all"):
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=100, **common)
         vae = load_trained_vae(run, spec, config)
@@ -71,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train the embedded model (resumes an interrupted run)")
     train.add_argument("--run", default="runs/shapesworld", help="checkpoint folder")
-    train.add_argument("--stage", choices=["vae", "transformer", "all"], default="all")
+    train.add_argument(
+        "--stage",
+        choices=["vae", "transformer", "all", "decoder"],
+        default="all",
+        help="all = vae then transformer; decoder = sharpen the VAE decoder on the frozen latent space",
+    )
     train.add_argument("--vae-steps", type=int, default=1000)
     train.add_argument("--steps", type=int, default=2000, help="transformer steps")
     train.add_argument("--batch-size", type=int, default=32)

@@ -210,13 +210,64 @@ def calibrate_latent_scale(vae: AutoencoderKL, config: TrainConfig, batches: int
 
 
 def load_trained_vae(run: Path, spec: ShapesWorldSpec, config: TrainConfig) -> AutoencoderKL:
+    """The trained VAE, with the fine-tuned decoder of ``run/decoder.safetensors`` when there is one."""
     weights, _ = _checkpoint_paths(run, "vae")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: train the VAE first (python -m workbench.shapesworld train --stage vae)")
     vae = AutoencoderKL(spec.vae_config())
     vae.load_state_dict({k[6:]: v for k, v in load_file(str(weights)).items() if k.startswith("model.")})
+    decoder, _ = _checkpoint_paths(run, "decoder")
+    if decoder.is_file():
+        vae.load_state_dict({k[6:]: v for k, v in load_file(str(decoder)).items() if k.startswith("model.")})
     calibrate_latent_scale(vae.eval(), config)
     return vae.eval().requires_grad_(False)
+
+
+def finetune_decoder(run: Path, spec: ShapesWorldSpec, config: TrainConfig, progress: bool = True) -> None:
+    """Train only the decoder (and post-quant conv) on the frozen encoder's latents. The latent space does not
+    move, so a transformer trained on it stays valid while the images get sharper; resumes like the other stages."""
+    bf16 = _setup(config)
+    run.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKL(spec.vae_config())
+    vae_weights, _ = _checkpoint_paths(run, "vae")
+    vae.load_state_dict({k[6:]: v for k, v in load_file(str(vae_weights)).items() if k.startswith("model.")})
+    vae.requires_grad_(False)
+    trainable = {n: p for n, p in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, weight_decay=0.0)
+    names = {id(p): n for n, p in trainable.items()}
+    start = 0
+    weights, meta = _checkpoint_paths(run, "decoder")
+    if weights.is_file():
+        tensors = load_file(str(weights))
+        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        _restore_optimizer(optimizer, trainable, tensors)
+        start = json.loads(meta.read_text())["step"]
+    log = (run / "decoder_log.jsonl").open("a")
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="decoder", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        images = make_batch(config.seed * 7_000_001 + step, config.batch_size, 128, 128, caption_style="any")[0]
+        with torch.no_grad(), _autocast(bf16):
+            latents = vae.encode(images).sample().float()
+        with _autocast(bf16):
+            recon = vae.decode(latents).float()
+        weight = foreground_weight(images, config.foreground_weight)
+        loss = (weight * ((recon - images).abs() + (recon - images).pow(2))).mean() / weight.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.values(), config.grad_clip)
+        optimizer.step()
+        bar.set_postfix(rec=f"{loss.item():.4f}")
+        log.write(json.dumps({"step": step, "rec": loss.item()}) + "\n")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            tensors = {f"model.{k}": v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant"))}
+            tensors.update(_optimizer_tensors(optimizer, names))
+            _save_checkpoint(run, "decoder", tensors, {"step": step + 1, "config": asdict(config)})
+            log.flush()
+    log.close()
 
 
 # --------------------------------------------------------------------------------------------------- transformer
