@@ -218,7 +218,8 @@ def load_trained_vae(run: Path, spec: ShapesWorldSpec, config: TrainConfig) -> A
     vae.load_state_dict({k[6:]: v for k, v in load_file(str(weights)).items() if k.startswith("model.")})
     decoder, _ = _checkpoint_paths(run, "decoder")
     if decoder.is_file():
-        vae.load_state_dict({k[6:]: v for k, v in load_file(str(decoder)).items() if k.startswith("model.")})
+        decoder_state = {k[6:]: v for k, v in load_file(str(decoder)).items() if k.startswith("model.")}
+        vae.load_state_dict(decoder_state, strict=False)
     calibrate_latent_scale(vae.eval(), config)
     return vae.eval().requires_grad_(False)
 

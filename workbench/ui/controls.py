@@ -1,0 +1,279 @@
+"""The sampling controls shared by the Text → Image and Image → Image tabs, and their values as pipeline arguments.
+
+Widget values map to :meth:`workbench.Pipeline.__call__` arguments with :func:`generation_kwargs`: seed −1 means a
+random seed; dynamic thresholding 0 means off; width and height are multiples of 16 bounded by the model's position
+table (``pipe.max_image_side``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gradio as gr
+
+from workbench import GenerationCancelled, Pipeline
+from workbench.flow import SAMPLERS, img2img_start
+from workbench.pipeline import MAX_SEED
+from workbench.ui.session import Step, Workbench
+
+SIZE_STEP = 16
+MAX_BATCH = 8
+
+
+@dataclass
+class SamplingControls:
+    """Components of one tab's prompt and sampler settings, in the order of :meth:`inputs`."""
+
+    prompt: gr.Textbox
+    negative_prompt: gr.Textbox
+    steps: gr.Slider
+    guidance_scale: gr.Slider
+    width: gr.Slider
+    height: gr.Slider
+    seed: gr.Number
+    batch_count: gr.Slider
+    sampler: gr.Dropdown
+    shift: gr.Slider
+    flow_temperature: gr.Slider
+    dynamic_thresholding: gr.Slider
+    reuse_seed: gr.Button
+    random_seed: gr.Button
+
+    def settings(self) -> list[gr.components.Component]:
+        """Everything after the prompt, in the order of :func:`generation_kwargs`'s arguments."""
+        return [
+            self.negative_prompt,
+            self.steps,
+            self.guidance_scale,
+            self.width,
+            self.height,
+            self.seed,
+            self.batch_count,
+            self.sampler,
+            self.shift,
+            self.flow_temperature,
+            self.dynamic_thresholding,
+        ]
+
+    def inputs(self) -> list[gr.components.Component]:
+        return [self.prompt, *self.settings()]
+
+    def model_updates(self, pipe: Pipeline, reset_values: bool) -> dict:
+        """Updates for a newly loaded model: size bounds always, defaults too when ``reset_values``."""
+        d, side = pipe.defaults, pipe.max_image_side
+        values = reset_values
+        return {
+            self.prompt: gr.update(value=d.prompt) if values else gr.update(),
+            self.negative_prompt: gr.update(value=d.negative_prompt) if values else gr.update(),
+            self.steps: gr.update(value=d.num_inference_steps) if values else gr.update(),
+            self.guidance_scale: gr.update(value=d.guidance_scale) if values else gr.update(),
+            self.width: gr.update(maximum=side, **({"value": min(d.width, side)} if values else {})),
+            self.height: gr.update(maximum=side, **({"value": min(d.height, side)} if values else {})),
+            self.sampler: gr.update(value=d.sampler) if values else gr.update(),
+            self.shift: gr.update(value=d.shift) if values else gr.update(),
+        }
+
+
+def sampling_controls(pipe: Pipeline, prefix: str, prompt_lines: int = 2) -> SamplingControls:
+    """Build the prompt box, the negative prompt and the settings accordion inside the current layout.
+    ``prefix`` namespaces the ``elem_id`` of each widget (for tests and styling)."""
+    d = pipe.defaults
+    side = pipe.max_image_side
+    prompt = gr.Textbox(label="Prompt", value=d.prompt, lines=prompt_lines, elem_id=f"{prefix}-prompt")
+    negative = gr.Textbox(label="Negative prompt", value=d.negative_prompt, lines=1, elem_id=f"{prefix}-negative")
+    with gr.Accordion("Settings", open=False, elem_id=f"{prefix}-settings"):
+        with gr.Row():
+            steps = gr.Slider(1, 150, value=d.num_inference_steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
+            guidance = gr.Slider(0, 20, value=d.guidance_scale, step=0.1, label="Guidance (CFG)")
+        with gr.Row():
+            width = gr.Slider(SIZE_STEP, side, value=min(d.width, side), step=SIZE_STEP, label="Width")
+            height = gr.Slider(SIZE_STEP, side, value=min(d.height, side), step=SIZE_STEP, label="Height")
+        with gr.Row():
+            seed = gr.Number(
+                value=-1,
+                precision=0,
+                minimum=-1,
+                maximum=MAX_SEED,
+                label="Seed (−1 = random)",
+                elem_id=f"{prefix}-seed",
+            )
+            random_seed = gr.Button("Random", scale=0, min_width=70, elem_id=f"{prefix}-random-seed")
+            reuse_seed = gr.Button("Reuse last", scale=0, min_width=90, elem_id=f"{prefix}-reuse-seed")
+            batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count")
+        with gr.Row():
+            sampler = gr.Dropdown(list(SAMPLERS), value=d.sampler, label="Sampler")
+            shift = gr.Slider(0.1, 10, value=d.shift, step=0.1, label="Shift")
+        with gr.Row():
+            flow_temperature = gr.Slider(0.5, 1.5, value=1.0, step=0.01, label="Flow temperature (noise scale)")
+            dynamic = gr.Slider(0, 1, value=0, step=0.005, label="Dynamic thresholding ratio (0 = off)")
+    random_seed.click(lambda: -1, None, seed, queue=False, api_visibility="private")
+    return SamplingControls(
+        prompt,
+        negative,
+        steps,
+        guidance,
+        width,
+        height,
+        seed,
+        batch,
+        sampler,
+        shift,
+        flow_temperature,
+        dynamic,
+        reuse_seed,
+        random_seed,
+    )
+
+
+def _int(name: str, value: float | int | None) -> int:
+    if value is None or float(value) != int(float(value)):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(float(value))
+
+
+def generation_kwargs(
+    negative_prompt: str = "",
+    steps: float = 20,
+    guidance_scale: float = 4.0,
+    width: float = 128,
+    height: float = 128,
+    seed: float = -1,
+    batch_count: float = 1,
+    sampler: str = "euler",
+    shift: float = 1.0,
+    flow_temperature: float = 1.0,
+    dynamic_thresholding: float = 0.0,
+) -> dict:
+    """Widget values → keyword arguments of the pipeline call (names as in :meth:`workbench.Pipeline.__call__`)."""
+    seed_value = _int("seed", seed)
+    ratio = float(dynamic_thresholding or 0.0)
+    return {
+        "negative_prompt": negative_prompt or "",
+        "num_inference_steps": _int("steps", steps),
+        "guidance_scale": float(guidance_scale),
+        "width": _int("width", width),
+        "height": _int("height", height),
+        "seed": None if seed_value < 0 else seed_value,
+        "num_images": _int("batch_count", batch_count),
+        "sampler": sampler,
+        "shift": float(shift),
+        "flow_temperature": float(flow_temperature),
+        "dynamic_thresholding_ratio": ratio if ratio > 0 else None,
+    }
+
+
+SAMPLER_ALIASES = {"euler": "euler", "heun": "heun", "dpm++ 2m": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m"}
+
+
+def _clamp_size(value: int, side: int) -> int:
+    return max(SIZE_STEP, min(side, round(value / SIZE_STEP) * SIZE_STEP))
+
+
+def parameters_to_settings(params: dict, pipe: Pipeline) -> dict[str, object]:
+    """A parsed ``parameters`` chunk (:func:`workbench.metadata.read_parameters`) → widget values by
+    :class:`SamplingControls` field name. Keys the chunk lacks take the model's defaults; sizes are brought into the
+    model's range (multiples of 16 up to ``pipe.max_image_side``); samplers of other tools map to ours by name."""
+    d = pipe.defaults
+    sampler = SAMPLER_ALIASES.get(str(params.get("sampler", d.sampler)).lower(), d.sampler)
+    side = pipe.max_image_side
+    return {
+        "prompt": str(params.get("prompt", "")),
+        "negative_prompt": str(params.get("negative_prompt", "")),
+        "steps": int(params.get("steps", d.num_inference_steps)),
+        "guidance_scale": float(params.get("guidance_scale", d.guidance_scale)),
+        "width": _clamp_size(int(params.get("width", d.width)), side),
+        "height": _clamp_size(int(params.get("height", d.height)), side),
+        "seed": int(params.get("seed", -1)),
+        "batch_count": 1,
+        "sampler": sampler,
+        "shift": float(params.get("shift", d.shift)),
+        "flow_temperature": float(params.get("flow_temperature") or 1.0),
+        "dynamic_thresholding": float(params.get("dynamic_thresholding_ratio") or 0.0),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ results panel
+
+
+@dataclass
+class ResultsPanel:
+    """Live preview, status line, gallery of PNGs, the seed used and the PNG parameters of the selected image."""
+
+    preview: gr.Image
+    status: gr.Markdown
+    gallery: gr.Gallery
+    used_seed: gr.Number
+    parameters: gr.Textbox
+    results: gr.State
+    selected: gr.State
+    send_to_img2img: gr.Button
+
+    def stream_outputs(self) -> list:
+        return [self.preview, self.status, self.gallery, self.used_seed, self.parameters, self.results, self.selected]
+
+
+def results_panel(prefix: str) -> ResultsPanel:
+    """Build the right-hand column of a generation tab; gallery selection shows that image's seed and parameters."""
+    preview = gr.Image(label="Live preview", interactive=False, height=256, elem_id=f"{prefix}-preview")
+    status = gr.Markdown("", elem_id=f"{prefix}-status")
+    gallery = gr.Gallery(
+        label="Images (PNG with parameters)", format="png", columns=4, height="auto", elem_id=f"{prefix}-gallery"
+    )
+    with gr.Row():
+        used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, elem_id=f"{prefix}-used-seed")
+        send = gr.Button("Send to Image → Image", elem_id=f"{prefix}-send-img2img")
+    parameters = gr.Textbox(
+        label="Parameters", lines=3, interactive=False, buttons=["copy"], elem_id=f"{prefix}-parameters"
+    )
+    results = gr.State([])
+    selected = gr.State(0)
+
+    def select(results: list[dict], event: gr.SelectData):
+        index = event.index if isinstance(event.index, int) and 0 <= event.index < len(results) else 0
+        if not results:
+            return gr.update(), gr.update(), 0
+        return results[index]["seed"], results[index]["parameters"], index
+
+    gallery.select(select, [results], [used_seed, parameters, selected], queue=False, api_visibility="private")
+    return ResultsPanel(preview, status, gallery, used_seed, parameters, results, selected, send)
+
+
+def publish(wb: Workbench, out, kind: str) -> list[dict]:
+    """Save a :class:`workbench.GenerationOutput`'s images as PNGs; one ``{"path", "seed", "parameters"}`` each."""
+    paths = wb.save(out.images, kind)
+    return [
+        {"path": path, "seed": seed, "parameters": image.info["parameters"]}
+        for path, seed, image in zip(paths, out.seeds, out.images)
+    ]
+
+
+def gallery_items(results: list[dict]) -> list[tuple[str, str]]:
+    return [(r["path"], f"seed {r['seed']}") for r in results]
+
+
+def stream_generation(
+    wb: Workbench, panel: ResultsPanel, session: str | None, kind: str, prompt: str, kwargs: dict
+) -> Iterator[dict]:
+    """The streaming body of a generation tab: a live preview per step, then the gallery; Stop shows a message."""
+    total = kwargs["num_inference_steps"]
+    if kwargs.get("image") is not None:
+        total -= img2img_start(total, kwargs.get("strength", 0.6))
+    yield {panel.status: "Waiting for the model…"}
+    try:
+        for event in wb.stream(session, lambda callback: wb.pipe(prompt, callback=callback, **kwargs), total):
+            if isinstance(event, Step):
+                yield {panel.preview: event.preview, panel.status: f"Step {event.index + 1} of {event.total}"}
+            else:
+                results = publish(wb, event.result, kind)
+                yield {
+                    panel.status: f"Done: {len(results)} image(s), seed {results[0]['seed']}.",
+                    panel.gallery: gallery_items(results),
+                    panel.used_seed: results[0]["seed"],
+                    panel.parameters: results[0]["parameters"],
+                    panel.results: results,
+                    panel.selected: 0,
+                }
+    except GenerationCancelled as err:
+        gr.Warning(f"Stopped: {err}")
+        yield {panel.status: f"Stopped: {err}"}

@@ -1,0 +1,231 @@
+"""Experts tab: a weight per expert and the router temperature of a Mixture-of-Experts model; generates with the
+prompt and settings of Text → Image (a random seed −1 is replaced by the seed of the last generation so that runs
+compare) and shows expert usage per block and step and which expert each image region chose (from
+:mod:`workbench.viz`). A dense model (``pipe.num_experts == 0``) gets a plain notice instead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gradio as gr
+
+from workbench import GenerationCancelled, Pipeline
+from workbench.ui.controls import SamplingControls, generation_kwargs, publish
+from workbench.ui.session import GPU, MODEL_CONCURRENCY, Step, Workbench, page_errors, stop_handler
+
+MAX_EXPERT_SLIDERS = 16
+ALL = "all"
+DENSE_NOTICE = (
+    "**This model has no experts** (a dense MMDiT such as SD3-Medium): there is no routing to steer or show. "
+    "Load a Mixture-of-Experts model, such as the embedded ShapesWorld model, in the Model tab."
+)
+
+
+@dataclass
+class ExpertsTab:
+    notice: gr.Markdown
+    panel: gr.Column
+    weights: list[gr.Slider]
+    router_temperature: gr.Slider
+    generate: gr.Button
+    image: gr.Image
+    region_map: gr.Image
+    usage: gr.Plot
+    shares: gr.Dataframe
+    block: gr.Dropdown
+    step: gr.Dropdown
+    status: gr.Markdown
+
+    def model_updates(self, pipe: Pipeline, reset_values: bool) -> dict:
+        experts = pipe.num_experts
+        updates = {self.notice: gr.update(visible=experts == 0), self.panel: gr.update(visible=experts > 0)}
+        for i, slider in enumerate(self.weights):
+            updates[slider] = gr.update(visible=i < experts, **({"value": 1.0} if reset_values else {}))
+        if reset_values:
+            updates[self.router_temperature] = gr.update(value=1.0)
+        return updates
+
+
+def resolve_seed(seed: float | None, last_seed: int | None) -> int:
+    """The seed box when it is ≥ 0, else the last seed used in this session (−1 when there is none: random)."""
+    if seed is not None and seed >= 0:
+        return int(seed)
+    return int(last_seed) if last_seed is not None else -1
+
+
+def expert_weights(weights: list[float], experts: int) -> list[float] | None:
+    """Slider values of the model's experts, or None when they are all 1 (the trained routing, bit for bit)."""
+    values = [float(w) for w in weights[:experts]]
+    if len(values) < experts:
+        values += [1.0] * (experts - len(values))
+    return None if all(v == 1.0 for v in values) else values
+
+
+def share_table(rows: list[dict]) -> list[list]:
+    return [[row["block"], *[round(v, 3) for k, v in row.items() if k != "block"]] for row in rows]
+
+
+def region_map(state: dict | None, block: str, step: str):
+    """Redraw the region map of the last routing record for one block/step (``"all"`` averages)."""
+    from workbench.viz import expert_region_map
+
+    if not state:
+        return None
+    from PIL import Image
+
+    with page_errors("Region map"):
+        return expert_region_map(
+            state["record"],
+            Image.open(state["image"]).convert("RGB"),
+            batch_index=state["batch_index"],
+            block=None if block in (None, ALL) else int(block),
+            step=None if step in (None, ALL) else int(step),
+        )
+
+
+def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsTab:
+    """Build the tab inside the current ``gr.Tab`` and wire its events; ``t2i`` supplies prompt and settings."""
+    experts = wb.pipe.num_experts
+    notice = gr.Markdown(DENSE_NOTICE, visible=experts == 0)
+    with gr.Column(visible=experts > 0) as panel:
+        gr.Markdown(
+            "Scale each expert's routing probability (0 = never chosen, 1 = as trained), or sharpen/flatten the "
+            "router with its temperature, then generate with the prompt and settings of **Text → Image**. A seed of "
+            "−1 there reuses the last seed used, so the images compare."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                weights = [
+                    gr.Slider(
+                        0,
+                        2,
+                        value=1.0,
+                        step=0.05,
+                        label=f"Expert {i} weight",
+                        visible=i < experts,
+                        elem_id=f"expert-weight-{i}",
+                    )
+                    for i in range(MAX_EXPERT_SLIDERS)
+                ]
+                temperature = gr.Slider(0.1, 5.0, value=1.0, step=0.05, label="Router temperature")
+                with gr.Row():
+                    reset = gr.Button("Reset to trained routing", elem_id="experts-reset")
+                    generate = gr.Button("Generate with these weights", variant="primary", elem_id="experts-generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="experts-stop")
+                status = gr.Markdown("", elem_id="experts-status")
+            with gr.Column(scale=1):
+                with gr.Row():
+                    image = gr.Image(
+                        label="Image",
+                        type="filepath",
+                        format="png",
+                        interactive=False,
+                        height=280,
+                        elem_id="experts-image",
+                    )
+                    region = gr.Image(
+                        label="Expert per region", interactive=False, height=280, elem_id="experts-region-map"
+                    )
+                with gr.Row():
+                    block = gr.Dropdown([ALL], value=ALL, label="Region map: block")
+                    step = gr.Dropdown([ALL], value=ALL, label="Region map: step")
+        usage = gr.Plot(label="Expert usage by block and step")
+        shares = gr.Dataframe(
+            headers=["block", *(f"expert_{e}" for e in range(experts)), "entropy"],
+            label="Mean routing share per block",
+            interactive=False,
+        )
+    routing = gr.State(None)
+
+    @GPU
+    def run(
+        request: gr.Request,
+        prompt: str,
+        negative_prompt: str,
+        steps: int,
+        guidance_scale: float,
+        width: int,
+        height: int,
+        seed: int,
+        batch_count: int,
+        sampler: str,
+        shift: float,
+        flow_temperature: float,
+        dynamic_thresholding: float,
+        previous_seed: int | None,
+        router_temperature: float,
+        *weight_values: float,
+    ) -> Iterator[dict]:
+        from workbench.viz import conditional_indices, expert_share_per_block, expert_usage_heatmap
+
+        with page_errors("Experts"):
+            if wb.pipe.num_experts == 0:
+                raise ValueError("this model has no experts: load a Mixture-of-Experts model in the Model tab")
+            kwargs = generation_kwargs(
+                negative_prompt,
+                steps,
+                guidance_scale,
+                width,
+                height,
+                resolve_seed(seed, previous_seed),
+                1,
+                sampler,
+                shift,
+                flow_temperature,
+                dynamic_thresholding,
+            )
+            kwargs.update(
+                expert_weights=expert_weights(list(weight_values), wb.pipe.num_experts),
+                router_temperature=float(router_temperature),
+                record_routing=True,
+            )
+            total = kwargs["num_inference_steps"]
+            try:
+                work = lambda callback: wb.pipe(prompt, callback=callback, **kwargs)
+                for event in wb.stream(request.session_hash, work, total):
+                    if isinstance(event, Step):
+                        yield {image: event.preview, status: f"Step {event.index + 1} of {event.total}"}
+                        continue
+                    out = event.result
+                    result = publish(wb, out, "experts")[0]
+                    index = conditional_indices(out.routing, 1)[0]
+                    state = {"record": out.routing, "image": result["path"], "batch_index": index}
+                    rows = expert_share_per_block(out.routing, batch_index=index)
+                    headers = list(rows[0].keys())
+                    yield {
+                        image: result["path"],
+                        region: region_map(state, ALL, ALL),
+                        usage: expert_usage_heatmap(out.routing, batch_index=index),
+                        shares: gr.update(value=share_table(rows), headers=headers),
+                        block: gr.update(choices=[ALL, *map(str, out.routing.blocks())], value=ALL),
+                        step: gr.update(choices=[ALL, *map(str, out.routing.steps())], value=ALL),
+                        routing: state,
+                        last_seed: result["seed"],
+                        status: f"Done: seed {result['seed']}, expert weights "
+                        f"{kwargs['expert_weights'] or 'as trained'}, router temperature {router_temperature:g}.",
+                    }
+            except GenerationCancelled as err:
+                gr.Warning(f"Stopped: {err}")
+                yield {status: f"Stopped: {err}"}
+
+    generate.click(
+        run,
+        [*t2i.inputs(), last_seed, temperature, *weights],
+        [image, region, usage, shares, block, step, routing, last_seed, status],
+        api_visibility="private",
+        concurrency_id=MODEL_CONCURRENCY,
+    )
+    stop.click(stop_handler(wb), None, None, queue=False, api_visibility="private")
+    reset.click(
+        lambda: [1.0] * (MAX_EXPERT_SLIDERS + 1), None, [*weights, temperature], queue=False, api_visibility="private"
+    )
+    gr.on(
+        [block.input, step.input],
+        region_map,
+        [routing, block, step],
+        region,
+        queue=False,
+        api_visibility="private",
+    )
+    return ExpertsTab(notice, panel, weights, temperature, generate, image, region, usage, shares, block, step, status)

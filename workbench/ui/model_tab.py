@@ -1,0 +1,55 @@
+"""Model tab: load the embedded model, a local diffusers folder or a single-file ``.safetensors`` checkpoint, with
+quantization and offload options; wrong paths show the loader's message in the page."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+
+from workbench.memory import OFFLOADS, QUANTIZATIONS
+from workbench.ui.session import MODEL_CONCURRENCY, Workbench, none_if_text_none, page_errors
+
+
+@dataclass
+class ModelTab:
+    path: gr.Textbox
+    quantization: gr.Dropdown
+    offload: gr.Dropdown
+    load: gr.Button
+    info: gr.Markdown
+
+
+def build(wb: Workbench) -> ModelTab:
+    """Build the tab inside the current ``gr.Tab``; :func:`wire` connects Load to the rest of the app."""
+    info = gr.Markdown(wb.describe, elem_id="model-info")
+    path = gr.Textbox(
+        label="Model",
+        placeholder="empty = the embedded ShapesWorld model; or a diffusers folder / a .safetensors checkpoint",
+        elem_id="model-path",
+    )
+    with gr.Row():
+        quantization = gr.Dropdown([str(q) for q in QUANTIZATIONS], value="None", label="Quantization")
+        offload = gr.Dropdown([str(o) for o in OFFLOADS], value="None", label="Offload")
+        load = gr.Button("Load", variant="primary", elem_id="model-load")
+    return ModelTab(path, quantization, offload, load, info)
+
+
+def wire(tab: ModelTab, wb: Workbench, model_updates: Callable[[bool], dict]) -> None:
+    """Load replaces the shared pipeline and resets every model-dependent widget (bounds, defaults, experts)."""
+    targets = [tab.info, *model_updates(False).keys()]
+
+    def load(path: str, quantization: str, offload: str) -> dict:
+        with page_errors("Loading the model"):
+            pipe = wb.load(path, none_if_text_none(quantization), none_if_text_none(offload))
+        gr.Info(f"Loaded {pipe.name}")
+        return {tab.info: wb.describe(), **model_updates(True)}
+
+    tab.load.click(
+        load,
+        [tab.path, tab.quantization, tab.offload],
+        targets,
+        api_visibility="private",
+        concurrency_id=MODEL_CONCURRENCY,
+    )

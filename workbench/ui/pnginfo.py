@@ -1,0 +1,94 @@
+"""PNG info tab: read the ``parameters`` chunk of a PNG made by the workbench (or another SD tool) and send its
+settings back to Text → Image (expert weights and router temperature to the Experts tab); API ``/png_info``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from workbench import Pipeline
+from workbench.metadata import read_parameters
+from workbench.ui.controls import SamplingControls, parameters_to_settings
+from workbench.ui.session import page_errors
+
+
+@dataclass
+class PngInfoTab:
+    image: gr.Image
+    text: gr.Textbox
+    parsed: gr.JSON
+    send: gr.Button
+    note: gr.Markdown
+
+
+def png_info(image: str | None) -> dict:
+    """The parsed ``parameters`` of a PNG file (``{}`` when no file is given)."""
+    if not image:
+        return {}
+    with page_errors("PNG info"):
+        return read_parameters(image)
+
+
+def settings_updates(params: dict, pipe: Pipeline, controls: SamplingControls) -> dict:
+    """Updates of the Text → Image widgets from parsed parameters."""
+    settings = parameters_to_settings(params, pipe)
+    return {getattr(controls, name): gr.update(value=value) for name, value in settings.items()}
+
+
+def expert_settings(params: dict, experts: int) -> tuple[list[float], float, str]:
+    """(slider values for ``experts`` experts, router temperature, a note for the page) from parsed parameters."""
+    weights = params.get("expert_weights")
+    temperature = float(params.get("router_temperature") or 1.0)
+    values, note = [1.0] * experts, ""
+    if isinstance(weights, list) and len(weights) == experts:
+        values = [float(w) for w in weights]
+    elif weights is not None:
+        note = f"Expert weights {weights} do not fit this model's {experts} sliders; they were not set. "
+    if params.get("strength") is not None:
+        note += "This image was made with Image → Image from a start image the PNG does not hold. "
+    if weights is not None or temperature != 1.0:
+        note += (
+            "This image was made with steered routing: the weights are set in the **Experts** tab; generate there "
+            "to reproduce it."
+        )
+    return values, temperature, note
+
+
+def build() -> PngInfoTab:
+    """Build the tab inside the current ``gr.Tab``; the Send button is wired by the app builder."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = gr.Image(
+                label="PNG made by the workbench or another SD tool",
+                type="filepath",
+                image_mode=None,
+                format="png",
+                sources=["upload"],
+                elem_id="pnginfo-image",
+            )
+        with gr.Column(scale=1):
+            text = gr.Textbox(
+                label="parameters chunk", lines=4, interactive=False, buttons=["copy"], elem_id="pnginfo-text"
+            )
+            parsed = gr.JSON(label="Parsed")
+            send = gr.Button("Send to Text → Image", variant="primary", elem_id="pnginfo-send")
+            note = gr.Markdown("")
+
+    def show(path: str | None):
+        params = png_info(path)
+        if not params:
+            return "", {}
+        with page_errors("PNG info"):
+            return read_text(path), params
+
+    image.change(show, image, [text, parsed], queue=False, api_visibility="private")
+    gr.on([], png_info, image, parsed, api_name="png_info")
+    return PngInfoTab(image, text, parsed, send, note)
+
+
+def read_text(path: str) -> str:
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        return str(opened.info.get("parameters", ""))

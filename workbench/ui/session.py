@@ -1,0 +1,234 @@
+"""State shared by every tab of the app: the one loaded pipeline, the lock that serializes model access, the outputs
+folder, per-browser-session Stop events, streaming a run with live previews, and errors turned into page messages.
+
+UI code holds no model logic: it calls :class:`workbench.Pipeline`, :mod:`workbench.frames` and :mod:`workbench.viz`
+through this module. Every handler that runs the model takes :attr:`Workbench.lock` (one pipeline, one run at a
+time); the queue additionally runs all model events in one concurrency group (:data:`MODEL_CONCURRENCY`). The one
+exception is the live preview, drawn by the streaming consumer from a copy of the step's latents (a read-only
+decode or a linear map) while the run goes on.
+
+On a Hugging Face ZeroGPU Space, :data:`GPU` is ``spaces.GPU``; it may run a handler in a separate worker process,
+which the Stop button (a thread event of the main process) does not reach.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import torch
+from PIL import Image
+
+from workbench import GenerationCancelled, Pipeline, load_pipeline
+from workbench.metadata import save_png
+
+LOG = logging.getLogger("workbench.ui")
+MODEL_CONCURRENCY = "model"
+PREVIEW_DECODE_MAX_SIDE = 256
+
+try:
+    import spaces
+
+    GPU: Callable = spaces.GPU
+except ImportError:  # not on a Hugging Face ZeroGPU Space
+
+    def GPU(fn: Callable) -> Callable:
+        return fn
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def none_if_text_none(value: str | None) -> str | None:
+    """Dropdown choices use the text "None"; the API takes None."""
+    return None if value in (None, "", "None") else value
+
+
+@dataclass
+class Step:
+    """One finished sampler step of a streamed run: ``index`` (0-based), ``total`` and a ``preview`` image."""
+
+    index: int
+    total: int
+    preview: Image.Image | None
+
+
+@dataclass
+class Finished:
+    """The end of a streamed run, with whatever the work function returned."""
+
+    result: Any
+
+
+@contextmanager
+def page_errors(action: str) -> Iterator[None]:
+    """Turn exceptions into messages shown in the page (``gr.Error``); the app keeps serving.
+
+    ValueError (bad input, ModelFormatError) shows its own message; anything else is logged with its traceback and
+    shown as ``"<action> failed: <type>: <message>"``.
+    """
+    try:
+        yield
+    except gr.Error:
+        raise
+    except GenerationCancelled:
+        raise
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
+    except Exception as err:
+        LOG.exception("%s failed", action)
+        raise gr.Error(f"{action} failed: {type(err).__name__}: {err}") from err
+
+
+def preview_images(pipe: Pipeline, latents: torch.Tensor) -> Image.Image:
+    """Live preview of scaled latents ``(B, 16, h, w)`` as one image row at output size.
+
+    The model's fitted linear latent→RGB map when it has one; otherwise, for small images, a real VAE decode (cheap at
+    ShapesWorld sizes); otherwise SD3's published latent→RGB factors.
+    """
+    from workbench.viz import image_grid
+
+    scale = pipe.vae_scale_factor
+    size = (latents.shape[-1] * scale, latents.shape[-2] * scale)
+    if pipe.defaults.latent_rgb_factors is None and max(size) <= PREVIEW_DECODE_MAX_SIDE:
+        images = pipe.decode_latents(latents)
+    else:
+        images = [im.resize(size, Image.Resampling.NEAREST) for im in pipe.preview(latents)]
+    return images[0] if len(images) == 1 else image_grid(images, (len(images) + 3) // 4, min(len(images), 4))
+
+
+@dataclass
+class Workbench:
+    """The app's shared state. ``pipe`` may be replaced by :meth:`load` (under the lock)."""
+
+    pipe: Pipeline
+    output_dir: Path
+    device: str = "cpu"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _stops: dict[str, threading.Event] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, pipe_or_path: Pipeline | str | Path | None = None, output_dir: str | Path = "outputs") -> Workbench:
+        device = default_device()
+        pipe = pipe_or_path if isinstance(pipe_or_path, Pipeline) else load_pipeline(pipe_or_path, device=device)
+        return cls(pipe, Path(output_dir).resolve(), str(pipe.device))
+
+    # ------------------------------------------------------------------------------------------------ model
+
+    def load(self, path: str | None, quantization: str | None = None, offload: str | None = None) -> Pipeline:
+        """Replace the pipeline with ``load_pipeline(path or embedded, …)``; the old one stays on any error."""
+        path = (path or "").strip() or None
+        with self.lock:
+            pipe = load_pipeline(path, device=self.device, quantization=quantization, offload=offload)
+            self.pipe = pipe
+        return pipe
+
+    def describe(self) -> str:
+        """Markdown summary of the loaded model."""
+        pipe, d = self.pipe, self.pipe.defaults
+        config = pipe.transformer.config
+        experts = f"{pipe.num_experts} experts in blocks {list(config.moe_layers)}" if pipe.num_experts else "dense"
+        return (
+            f"**{pipe.name}** on `{pipe.device}` ({str(pipe.dtype).replace('torch.', '')}): {config.num_layers} joint "
+            f"blocks, {experts}; sizes up to {pipe.max_image_side} px in steps of 16. Defaults: {d.width}×{d.height}, "
+            f"{d.num_inference_steps} steps, guidance {d.guidance_scale:g}, shift {d.shift:g}, {d.sampler}."
+        )
+
+    # --------------------------------------------------------------------------------------------- running
+
+    def generate(self, prompt: str, **kwargs: Any):
+        """One locked pipeline call; returns its :class:`workbench.GenerationOutput`."""
+        with self.lock:
+            return self.pipe(prompt, **kwargs)
+
+    def stop_event(self, session: str | None) -> threading.Event:
+        return self._stops.setdefault(session or "", threading.Event())
+
+    def stop(self, session: str | None) -> None:
+        """Ask the running generation of this browser session to stop at its next step."""
+        self.stop_event(session).set()
+
+    def stream(
+        self, session: str | None, work: Callable[[Callable], Any], total: int, preview: bool = True
+    ) -> Iterator[Step | Finished]:
+        """Run ``work(step_callback)`` in a worker thread under the lock, yielding :class:`Step` updates and a
+        :class:`Finished` at the end. ``step_callback`` is the pipeline's ``callback(step, sigma, latents)``; it
+        returns False once Stop was pressed (→ GenerationCancelled from the pipeline) or the consumer went away.
+        A slow consumer skips to the newest step instead of falling behind; previews are drawn only for the steps
+        it shows. Exceptions of ``work`` are re-raised in the consumer."""
+        stop = self.stop_event(session)
+        stop.clear()
+        updates: queue.Queue = queue.Queue()
+        outcome: dict[str, Any] = {}
+        counter = {"step": 0}
+
+        def callback(step: int, sigma: float, latents: torch.Tensor) -> bool:
+            updates.put((counter["step"], latents.detach().clone() if preview else None))
+            counter["step"] += 1
+            return not stop.is_set()
+
+        def worker() -> None:
+            try:
+                with self.lock:
+                    if stop.is_set():
+                        raise GenerationCancelled("stopped before the generation started")
+                    outcome["result"] = work(callback)
+            except BaseException as err:  # handed to the consumer thread
+                outcome["error"] = err
+            finally:
+                updates.put(None)
+
+        thread = threading.Thread(target=worker, name="workbench-generation", daemon=True)
+        thread.start()
+        try:
+            while (item := updates.get()) is not None:
+                while not updates.empty():
+                    newer = updates.get()
+                    if newer is None:
+                        updates.put(None)
+                        break
+                    item = newer
+                index, latents = item
+                yield Step(index, total, preview_images(self.pipe, latents) if latents is not None else None)
+        finally:
+            if thread.is_alive():
+                stop.set()
+            thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield Finished(outcome["result"])
+
+    # ------------------------------------------------------------------------------------------------ files
+
+    def save(self, images: list[Image.Image], kind: str) -> list[str]:
+        """Write each image as PNG with its ``parameters`` chunk under the outputs folder; returns the paths."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        paths = []
+        for image in images:
+            name = f"{kind}-{stamp}-{uuid.uuid4().hex[:8]}.png"
+            paths.append(str(save_png(image, self.output_dir / kind / name)))
+        return paths
+
+    def new_folder(self, kind: str) -> Path:
+        folder = self.output_dir / kind / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+def stop_handler(wb: Workbench) -> Callable[[gr.Request], None]:
+    """The Stop button's handler: stops the running generation of the clicking browser session."""
+
+    def stop(request: gr.Request) -> None:
+        wb.stop(request.session_hash)
+
+    return stop
