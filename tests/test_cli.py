@@ -35,7 +35,9 @@ def test_generate_prompts_file_uses_seed_plus_line(tiny_sd3_folder, tmp_path):
 
 def test_bad_input_is_a_message_not_a_traceback(tiny_sd3_folder, tmp_path, capsys):
     folder, _ = tiny_sd3_folder
-    code = main(["generate", "--model", str(folder), "--prompt", "x", "--height", "33", "--out", str(tmp_path / "x.png")])
+    code = main(
+        ["generate", "--model", str(folder), "--prompt", "x", "--height", "33", "--out", str(tmp_path / "x.png")]
+    )
     assert code == 2
     assert "height must be a positive multiple of 16, got 33" in capsys.readouterr().err
     code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])

@@ -2,8 +2,6 @@
 
 import json
 
-import torch
-
 from workbench import load_pipeline
 from workbench.shapesworld.export import export_run
 from workbench.shapesworld.model import ShapesWorldSpec
