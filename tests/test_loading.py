@@ -206,3 +206,18 @@ def test_save_pipeline_round_trip(tiny_sd3_folder, tmp_path):
 
 def test_embedded_model_path_is_in_the_repo():
     assert EMBEDDED_MODEL.parent.name == "models"
+
+
+def test_repo_id_resolves_from_the_local_hugging_face_cache(tiny_sd3_folder, tmp_path, monkeypatch):
+    folder, _ = tiny_sd3_folder
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-sd3"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    pipe = load_pipeline("someone/tiny-sd3")
+    assert pipe.name == snapshot.name
+    image = pipe(PROMPT, height=32, width=32, num_inference_steps=1, seed=0, max_sequence_length=32).images[0]
+    assert image.size == (32, 32)
