@@ -71,7 +71,7 @@ def _eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     results = evaluate(generate, n=args.n, seed=args.seed, kind=args.kind, height=args.size, width=args.size)
     print(format_table(results))
-    print(f"\n{args.n} captions per kind, seed {args.seed}, {time.perf_counter() - start:.0f} s")
+    print(f"\n{args.n} fresh canonical captions ({args.kind}), seed {args.seed}, {time.perf_counter() - start:.0f} s")
     return 0
 
 
