@@ -62,9 +62,15 @@ def page(served):
 
 def set_number(page, elem_id: str, value: int | float) -> None:
     """Type into the number box of a Slider or Number and commit it."""
+    from playwright.sync_api import expect
+
     box = page.locator(f"#{elem_id} input[type=number]").first
     box.fill(str(value))
     box.press("Enter")
+    box.blur()
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    if slider.count():
+        expect(slider.first).to_have_value(str(value))
 
 
 def image_pixels(page, img_selector: str) -> np.ndarray:

@@ -74,7 +74,7 @@ def read_safetensors(path: str | Path, prefix: str = "", dtype: torch.dtype | No
         ) from err
 
 
-def iter_safetensors(path: str | Path, reopen_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: str | Path, reopen_bytes: int = 64 << 20) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of one safetensors file, one at a time, in file order. The file is memory-mapped; it is reopened
     after every ``reopen_bytes`` read so that the pages already read leave the process's resident memory."""
     path = Path(path)
@@ -209,12 +209,11 @@ def load_transformer(
     device: str | torch.device = "cpu",
     **quantize_options,
 ) -> MMDiT:
-    """The transformer of a diffusers folder. With ``quantization`` it is built tensor by tensor from the file
-    (:func:`workbench.memory.stream_transformer`, options ``quantize_modulation`` and ``int8_backend``): the
-    full-precision weights are never all in memory. ``device`` is where quantized layers are placed."""
+    """The transformer of a diffusers folder, built tensor by tensor from the file
+    (:func:`workbench.memory.stream_transformer`; options ``quantize_modulation`` and ``int8_backend``): the weights
+    as stored are never all in memory, only the result in ``dtype`` (quantized with ``quantization``). ``device`` is
+    where quantized layers are placed."""
     config = MMDiTConfig.from_dict(read_json(folder / "config.json"))
-    if quantization is None:
-        return build_transformer(config, _component_weights(folder, None), dtype, str(folder))
     from workbench import memory
 
     try:
@@ -567,7 +566,8 @@ def load_pipeline(
         pipe = load_single_file(folder, device, dtype, text_encoders_from)
     elif (folder / "model_index.json").is_file():
         stream_device = "cpu" if offload is not None else device
-        options = {"quantize_modulation": quantize_modulation, "int8_backend": int8_backend}
+        backend = memory.resolve_int8_backend(int8_backend, device, dtype) if quantization == "int8" else int8_backend
+        options = {"quantize_modulation": quantize_modulation, "int8_backend": backend}
         pipe = load_diffusers_folder(folder, stream_device, dtype, quantization, options)
     else:
         raise ModelFormatError(
