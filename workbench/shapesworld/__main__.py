@@ -27,6 +27,10 @@ def _train(args: argparse.Namespace) -> int:
 
     spec = ShapesWorldSpec.micro() if args.micro else ShapesWorldSpec()
     run = Path(args.run)
+    if args.init_from and not (run / "transformer.safetensors").is_file():
+        from workbench.shapesworld.train import seed_run_from_model
+
+        seed_run_from_model(Path(args.init_from), run, args.init_step)
     common = dict(seed=args.seed, threads=args.threads, checkpoint_every=args.checkpoint_every)
     if args.stage in ("vae", "all"):
         vae_config = TrainConfig(steps=args.vae_steps, batch_size=16, lr=1e-3, warmup=50, **common)
@@ -94,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None)
     train.add_argument("--checkpoint-every", type=int, default=100)
     train.add_argument("--micro", action="store_true", help="seconds-sized model (smoke test)")
+    train.add_argument(
+        "--init-from", default=None, help="seed an empty run folder from an exported model (models/shapesworld-moe)"
+    )
+    train.add_argument("--init-step", type=int, default=2500, help="schedule step the seeded run resumes at")
     train.set_defaults(run_command=_train)
     export = commands.add_parser("export", help="write the run's EMA weights as the model folder")
     export.add_argument("--run", default="runs/shapesworld")

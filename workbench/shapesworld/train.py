@@ -401,3 +401,20 @@ def load_ema_pipeline(run: Path, spec: ShapesWorldSpec, config: TrainConfig) -> 
     modules.load_state_dict(state)
     modules.eval().requires_grad_(False)
     return pipe
+
+
+def seed_run_from_model(folder: Path, run: Path, step: int) -> None:
+    """Start a run folder from an exported model (the committed ``models/shapesworld-moe``) so that training resumes
+    from its weights in a fresh checkout: VAE, transformer and text weights (as both model and EMA), no optimizer
+    state. ``step`` is where the learning-rate schedule picks up."""
+    from workbench.loading import load_pipeline
+
+    pipe = load_pipeline(folder)
+    run.mkdir(parents=True, exist_ok=True)
+    vae_state = {f"model.{k}": v.float() for k, v in pipe.vae.state_dict().items()}
+    _save_checkpoint(run, "vae", vae_state, {"step": step, "seeded_from": str(folder)})
+    modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "text": pipe.text_encoders})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in modules.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in state.items()}
+    tensors.update({f"ema.{k}": v for k, v in state.items() if v.is_floating_point()})
+    _save_checkpoint(run, "transformer", tensors, {"step": step, "seeded_from": str(folder)})
