@@ -62,15 +62,16 @@ def page(served):
 
 def set_number(page, elem_id: str, value: int | float) -> None:
     """Type into the number box of a Slider or Number and commit it."""
-    from playwright.sync_api import expect
-
     box = page.locator(f"#{elem_id} input[type=number]").first
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
     slider = page.locator(f"#{elem_id} input[type=range]")
-    if slider.count():
-        expect(slider.first).to_have_value(str(value))
+    for _ in range(20):  # the page may still be wiring its handlers and reset a value typed too early
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        page.wait_for_timeout(250)
+        if not slider.count() or slider.first.input_value() == str(value):
+            return
+    raise AssertionError(f"#{elem_id} did not take the value {value}")
 
 
 def image_pixels(page, img_selector: str) -> np.ndarray:
