@@ -1,4 +1,5 @@
-"""Command line: ``python -m workbench <command> …``; every module in ``workbench/cli`` adds one command."""
+"""Command line: ``python -m workbench <command> …``; every module in ``workbench/cli`` with a ``register`` function
+adds one command (the others, like ``common``, are shared helpers)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workbench", description="SD3 Workbench command line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in sorted(pkgutil.iter_modules(workbench.cli.__path__), key=lambda m: m.name):
-        importlib.import_module(f"workbench.cli.{module.name}").register(commands)
+        command = importlib.import_module(f"workbench.cli.{module.name}")
+        if hasattr(command, "register"):
+            command.register(commands)
     return parser
 
 

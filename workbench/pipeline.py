@@ -154,12 +154,15 @@ class Pipeline:
             embeds, pooled = self.text_encoders.encode(texts, max_sequence_length=max_sequence_length)
         return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
 
-    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Pixels ``(1, 3, H, W)`` in [-1, 1] → scaled latents, sampling the posterior with ``generator``."""
+    def encode_image(self, pixels: torch.Tensor):
+        """Pixels ``(1, 3, H, W)`` in [-1, 1] → the VAE posterior; sample it per seed with :meth:`sample_latents`."""
         vae_dtype = next(self.vae.parameters()).dtype
         with torch.no_grad():
-            raw = self.vae.encode(pixels.to(self.device, vae_dtype)).sample(generator)
-        return self.vae.scale_latents(raw).float()
+            return self.vae.encode(pixels.to(self.device, vae_dtype))
+
+    def sample_latents(self, posterior, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents drawn from ``posterior`` with ``generator`` (diffusers' draw order: before the noise)."""
+        return self.vae.scale_latents(posterior.sample(generator)).float()
 
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         vae_dtype = next(self.vae.parameters()).dtype
@@ -360,11 +363,11 @@ class Pipeline:
             raise ValueError(
                 f"initial_latents must have shape {(count, *shape[1:])}, got {tuple(initial_latents.shape)}"
             )
-        pixels = image_to_tensor(image, height, width) if image is not None else None
+        posterior = self.encode_image(image_to_tensor(image, height, width)) if image is not None else None
         start = []
         for i, seed in enumerate(seeds):
             generator = torch.Generator("cpu").manual_seed(seed)
-            clean = self.encode_image(pixels, generator).cpu() if pixels is not None else None
+            clean = self.sample_latents(posterior, generator).cpu() if posterior is not None else None
             if initial_latents is not None:
                 noise = initial_latents[i : i + 1].float().cpu()
             else:

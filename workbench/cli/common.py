@@ -9,10 +9,6 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Not a command: this module only provides helpers."""
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="diffusers folder, .safetensors file or repo id (default: embedded)"
