@@ -15,6 +15,7 @@ import argparse
 import gc
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -203,12 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# GPU benchmark on {name}: torch {torch.__version__}, SD3-Medium width, {args.depth} blocks\n")
     sections = set(args.sections.split(","))
     started = time.perf_counter()
-    if "speed" in sections:
-        print(speed_section(config, device, args.resolution, args.repeats, flop) + "\n", flush=True)
-    if "quantized" in sections:
-        print(quantized_section(config, device, args.resolution, max(args.repeats // 2, 1)) + "\n", flush=True)
-    if "offload" in sections:
-        print(offload_section(config, device, args.resolution) + "\n", flush=True)
+    runs = {
+        "speed": lambda: speed_section(config, device, args.resolution, args.repeats, flop),
+        "quantized": lambda: quantized_section(config, device, args.resolution, max(args.repeats // 2, 1)),
+        "offload": lambda: offload_section(config, device, args.resolution),
+    }
+    for name, run in runs.items():
+        if name in sections:
+            try:
+                print(run() + "\n", flush=True)
+            except Exception:  # noqa: BLE001 - one failing section must not hide the others
+                print(f"### {name}: failed\n\n```\n{traceback.format_exc()}```\n", flush=True)
+            reset_peak(device)
     print(f"(total {time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -2,10 +2,19 @@
 
 import json
 
+import torch
+
 from workbench import load_pipeline
 from workbench.shapesworld.export import export_run
 from workbench.shapesworld.model import ShapesWorldSpec
-from workbench.shapesworld.train import TrainConfig, load_trained_vae, train_transformer, train_vae
+from workbench.shapesworld.train import (
+    TrainConfig,
+    _fit_steps_to_budget,
+    load_trained_vae,
+    step_batches,
+    train_transformer,
+    train_vae,
+)
 
 
 def _losses(path, key):
@@ -37,3 +46,21 @@ def test_micro_training_learns_resumes_and_exports(tmp_path):
     out = pipe("a red circle at the center on a white background", seed=0, height=96, width=96)
     assert out.images[0].size == (96, 96)
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_batches_do_not_depend_on_the_number_of_rendering_workers():
+    config = TrainConfig(batch_size=2, data_workers=0)
+    inline = step_batches(7, config)
+    expected = [next(inline) for _ in range(5)]
+    rendered = step_batches(7, TrainConfig(batch_size=2, data_workers=2))
+    for images, captions in expected:
+        got_images, got_captions = next(rendered)
+        assert got_captions == captions
+        assert torch.equal(got_images, images)
+
+
+def test_time_budget_fits_the_schedule_to_the_measured_speed():
+    config = TrainConfig(steps=10_000, time_budget=100.0)
+    # 30 steps took 10 s → 3 s/step → 90 s left reach 270 more steps.
+    assert _fit_steps_to_budget(config, start=0, step=30, elapsed=10.0) == 300
+    assert _fit_steps_to_budget(config, start=0, step=30, elapsed=150.0) == 31

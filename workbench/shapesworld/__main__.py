@@ -31,7 +31,7 @@ def _train(args: argparse.Namespace) -> int:
         from workbench.shapesworld.train import seed_run_from_model
 
         seed_run_from_model(Path(args.init_from), run, args.init_step)
-    common = dict(seed=args.seed, threads=args.threads, checkpoint_every=args.checkpoint_every)
+    common = dict(seed=args.seed, threads=args.threads, checkpoint_every=args.checkpoint_every, device=args.device)
     if args.stage in ("vae", "all"):
         vae_config = TrainConfig(steps=args.vae_steps, batch_size=16, lr=1e-3, warmup=50, **common)
         train_vae(run, spec, vae_config)
@@ -39,7 +39,15 @@ def _train(args: argparse.Namespace) -> int:
         decoder_config = TrainConfig(steps=args.steps, batch_size=16, lr=5e-4, warmup=20, **common)
         finetune_decoder(run, spec, decoder_config)
     if args.stage in ("transformer", "all"):
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=100, **common)
+        config = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup=100,
+            data_workers=args.data_workers,
+            time_budget=args.time_budget,
+            **common,
+        )
         vae = load_trained_vae(run, spec, config)
         train_transformer(run, spec, config, vae)
     return 0
@@ -98,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None)
     train.add_argument("--checkpoint-every", type=int, default=100)
     train.add_argument("--micro", action="store_true", help="seconds-sized model (smoke test)")
+    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (transformer stage)")
+    train.add_argument(
+        "--data-workers", type=int, default=0, help="processes rendering batches ahead of the model (transformer stage)"
+    )
+    train.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds for the transformer steps: --steps is lowered to what fits, keeping the cosine schedule whole",
+    )
     train.add_argument(
         "--init-from", default=None, help="seed an empty run folder from an exported model (models/shapesworld-moe)"
     )

@@ -50,6 +50,9 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None
     threads: int | None = None
+    device: str = "cpu"
+    data_workers: int = 0
+    time_budget: float | None = None
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -61,12 +64,14 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+def _autocast(enabled: bool, device_type: str = "cpu"):
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _lr_at(step: int, config: TrainConfig) -> float:
-    warm = min(1.0, (step + 1) / max(1, config.warmup))
+def _lr_at(step: int, config: TrainConfig, warm_from: int = 0) -> float:
+    """Linear warm-up over ``config.warmup`` steps counted from ``warm_from`` (the first step of a run whose
+    optimizer state was not restored), then cosine decay to a tenth of ``config.lr`` at ``config.steps``."""
+    warm = min(1.0, (step + 1 - warm_from) / max(1, config.warmup))
     progress = min(1.0, step / max(1, config.steps))
     return config.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -81,9 +86,8 @@ class EMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for key, value in module.state_dict().items():
-            if key in self.shadow:
-                self.shadow[key].lerp_(value.float(), 1 - decay)
+        state = module.state_dict()
+        torch._foreach_lerp_(list(self.shadow.values()), [state[k].float() for k in self.shadow], 1 - decay)
 
     def copy_to(self, module: torch.nn.Module) -> None:
         state = module.state_dict()
@@ -126,14 +130,52 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, named: dict[str, torch.
 
 
 def _setup(config: TrainConfig) -> bool:
+    """Apply the thread count; True when this run computes in bf16 autocast (CUDA, or a CPU with fast bf16)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    return cpu_has_fast_bf16() if config.bf16 is None else config.bf16
+    if config.bf16 is not None:
+        return config.bf16
+    return torch.device(config.device).type == "cuda" or cpu_has_fast_bf16()
 
 
 def _batch(step: int, config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
     height, width = SIZES[random.Random(config.seed * 1_000_003 + step).randrange(len(SIZES))]
     return make_batch(config.seed * 1_000_003 + step, config.batch_size, height, width, caption_style="any")
+
+
+class _StepBatches(torch.utils.data.IterableDataset):
+    """The batches of steps ``start, start + 1, …`` (endless); worker ``i`` of ``n`` renders steps ``≡ i (mod n)``,
+    which the DataLoader's round-robin hands back in step order, so the data do not depend on the worker count."""
+
+    def __init__(self, start: int, config: TrainConfig) -> None:
+        self.start, self.config = start, config
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:
+            torch.set_num_threads(1)
+        step = self.start + worker
+        while True:
+            yield _batch(step, self.config)
+            step += workers
+
+
+def step_batches(start: int, config: TrainConfig):
+    """Iterator over the training batches from step ``start``: rendered in ``config.data_workers`` processes
+    (ahead of the model) when that is > 0, else inline."""
+    dataset = _StepBatches(start, config)
+    if config.data_workers <= 0:
+        return iter(dataset)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=config.data_workers,
+        prefetch_factor=4,
+        pin_memory=torch.device(config.device).type == "cuda",
+        persistent_workers=False,
+    )
+    return iter(loader)
 
 
 # ----------------------------------------------------------------------------------------------------------- VAE
@@ -288,9 +330,10 @@ def _condition(
     ]
     embeds, pooled = pipe.text_encoders.embed(captions, max_sequence_length=pipe.text_encoders.t5_sequence_length())
     clip_length = pipe.text_encoders.tokenizer_max_length
-    keep_clip = torch.tensor([rng.random() >= config.encoder_dropout for _ in captions], dtype=embeds.dtype)
-    keep_t5 = torch.tensor([rng.random() >= config.encoder_dropout for _ in captions], dtype=embeds.dtype)
-    mask = torch.ones(embeds.shape[:2] + (1,), dtype=embeds.dtype)
+    keep = dict(dtype=embeds.dtype, device=embeds.device)
+    keep_clip = torch.tensor([rng.random() >= config.encoder_dropout for _ in captions], **keep)
+    keep_t5 = torch.tensor([rng.random() >= config.encoder_dropout for _ in captions], **keep)
+    mask = torch.ones(embeds.shape[:2] + (1,), **keep)
     mask[:, :clip_length] = keep_clip[:, None, None]
     mask[:, clip_length:] = keep_t5[:, None, None]
     return embeds * mask, pooled * keep_clip[:, None]
@@ -298,7 +341,7 @@ def _condition(
 
 def sample_timesteps(batch: int, tokens: int, generator: torch.Generator) -> torch.Tensor:
     """Logit-normal(0, 1) times, shifted for resolution with ``s = sqrt(tokens / 64)``."""
-    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    t = torch.sigmoid(torch.randn(batch, generator=generator, device=generator.device))
     s = math.sqrt(tokens / 64)
     return s * t / (1 + (s - 1) * t)
 
@@ -310,7 +353,7 @@ def flow_loss(
     batch = latents.shape[0]
     tokens = latents.shape[-2] * latents.shape[-1] // pipe.transformer.config.patch_size**2
     t = sample_timesteps(batch, tokens, generator)
-    noise = torch.randn(latents.shape, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
     x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
     prediction = pipe.transformer(x_t, embeds, pooled, t * 1000).float()
     return (prediction - (noise - latents)).pow(2).flatten(1).mean(1), t
@@ -320,8 +363,12 @@ def train_transformer(
     run: Path, spec: ShapesWorldSpec, config: TrainConfig, vae: AutoencoderKL, progress: bool = True
 ) -> Pipeline:
     """Train text encoders and MMDiT jointly on frozen-VAE latents; resumes from ``run/transformer.safetensors``.
-    Returns the pipeline holding the EMA weights."""
+
+    Runs on ``config.device`` (CPU or CUDA). With ``config.time_budget`` (seconds) the step count is fitted to the
+    budget once the speed is known, so that the cosine schedule still ends at its floor. Returns the pipeline (on
+    the CPU) holding the EMA weights."""
     bf16 = _setup(config)
+    device = torch.device(config.device)
     run.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(spec, config.seed, vae=vae)
     modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "text": pipe.text_encoders})
@@ -330,31 +377,38 @@ def train_transformer(
     names = {id(p): n for n, p in named.items()}
     decay = [p for n, p in named.items() if p.dim() >= 2]
     no_decay = [p for n, p in named.items() if p.dim() < 2]
+    start, bins = 0, {"sum": [0.0] * TIME_BINS, "count": [0] * TIME_BINS}
+    weights, meta = _checkpoint_paths(run, "transformer")
+    tensors = load_file(str(weights)) if weights.is_file() else {}
+    if tensors:
+        modules.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        start = json.loads(meta.read_text())["step"]
+    for component in (pipe.transformer, pipe.text_encoders, vae):
+        component.to(device)  # one by one: TextConditioner.to also moves the conditioning it returns
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
         betas=(0.9, 0.99),
+        fused=device.type == "cuda" or None,
     )
     ema = EMA(modules, config.ema_decay)
-    start, bins = 0, {"sum": [0.0] * TIME_BINS, "count": [0] * TIME_BINS}
-    weights, meta = _checkpoint_paths(run, "transformer")
-    if weights.is_file():
-        tensors = load_file(str(weights))
-        modules.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.shadow.update({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
-        _restore_optimizer(optimizer, named, tensors)
-        start = json.loads(meta.read_text())["step"]
-    generator = torch.Generator().manual_seed(config.seed + start)
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="mmdit", disable=not progress)
+    ema.shadow.update({k[4:]: v.float().to(device) for k, v in tensors.items() if k.startswith("ema.")})
+    _restore_optimizer(optimizer, named, {k: v.to(device) for k, v in tensors.items() if k.startswith("opt.")})
+    warm_from = 0 if optimizer.state else start
+    del tensors
+    generator = torch.Generator(device).manual_seed(config.seed + start)
+    bar = tqdm(initial=start, total=config.steps, desc="mmdit", disable=not progress)
     log = (run / "transformer_log.jsonl").open("a")
-    running = None
-    for step in bar:
+    batches = step_batches(start, config)
+    running, clock, step = None, time.perf_counter(), start
+    while step < config.steps:
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
-        images, captions = _batch(step, config)
-        with torch.no_grad(), _autocast(bf16):
+            group["lr"] = _lr_at(step, config, warm_from)
+        images, captions = next(batches)
+        images = images.to(device, non_blocking=True)
+        with torch.no_grad(), _autocast(bf16, device.type):
             latents = vae.scale_latents(vae.encode(images).sample(generator).float())
-        with _autocast(bf16):
+        with _autocast(bf16, device.type):
             embeds, pooled = _condition(pipe, captions, step, config)
             per_sample, t = flow_loss(pipe, latents, embeds, pooled, generator)
             aux = pipe.transformer.aux_loss()
@@ -364,29 +418,46 @@ def train_transformer(
         grad_norm = torch.nn.utils.clip_grad_norm_(modules.parameters(), config.grad_clip)
         optimizer.step()
         ema.update(modules, step)
-        for value, time_value in zip(per_sample.tolist(), t.tolist()):
+        losses, times = per_sample.detach().float().cpu().tolist(), t.float().cpu().tolist()
+        for value, time_value in zip(losses, times):
             index = min(TIME_BINS - 1, int(time_value * TIME_BINS))
             bins["sum"][index] += value
             bins["count"][index] += 1
-        running = per_sample.mean().item() if running is None else 0.98 * running + 0.02 * per_sample.mean().item()
+        mean_loss = sum(losses) / len(losses)
+        running = mean_loss if running is None else 0.98 * running + 0.02 * mean_loss
         bar.set_postfix(loss=f"{running:.4f}", aux=f"{aux.item():.3f}")
-        record = {"step": step, "loss": per_sample.mean().item(), "aux": aux.item(), "grad": float(grad_norm)}
+        record = {"step": step, "loss": mean_loss, "aux": aux.item(), "grad": float(grad_norm)}
         log.write(json.dumps(record) + "\n")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+        step += 1
+        bar.update(1)
+        if config.time_budget is not None and step == start + 30:
+            config.steps = _fit_steps_to_budget(config, start, step, time.perf_counter() - clock)
+            bar.total = config.steps
+        if step % config.checkpoint_every == 0 or step == config.steps:
             per_bin = [s / c if c else None for s, c in zip(bins["sum"], bins["count"])]
-            log.write(json.dumps({"step": step + 1, "loss_per_time_bin": per_bin}) + "\n")
+            log.write(json.dumps({"step": step, "loss_per_time_bin": per_bin}) + "\n")
             bins = {"sum": [0.0] * TIME_BINS, "count": [0] * TIME_BINS}
             tensors = {f"model.{k}": v for k, v in modules.state_dict().items()}
             tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
             tensors.update(_optimizer_tensors(optimizer, names))
-            _save_checkpoint(run, "transformer", tensors, {"step": step + 1, "config": asdict(config)})
+            _save_checkpoint(run, "transformer", tensors, {"step": step, "config": asdict(config)})
             log.flush()
+    bar.close()
     log.close()
     ema.copy_to(modules)
     modules.eval()
+    for component in (pipe.transformer, pipe.text_encoders, vae):
+        component.to("cpu")
     pipe.transformer.requires_grad_(False)
     pipe.text_encoders.requires_grad_(False)
     return pipe
+
+
+def _fit_steps_to_budget(config: TrainConfig, start: int, step: int, elapsed: float) -> int:
+    """The last step that the remaining ``config.time_budget`` reaches at the speed measured so far (the first
+    steps, which include start-up, are counted in, so the estimate errs on the short side)."""
+    per_step = elapsed / max(1, step - start)
+    return step + max(1, int((config.time_budget - elapsed) / per_step))
 
 
 def load_ema_pipeline(run: Path, spec: ShapesWorldSpec, config: TrainConfig) -> Pipeline:
