@@ -4,7 +4,8 @@
 #   2. the embedded model's transformer training resumed from models/shapesworld-moe on the GPU for the time left
 #      of TOTAL_SECONDS, then exported; OUT_DIR receives the training log and the exported folder as a tar.gz cut
 #      into pieces of at most 15 MiB (rejoin with `cat OUT_DIR/model.tgz.* | tar xz`).
-# usage: benchmarks/gpu_session.sh OUT_DIR [TOTAL_SECONDS=520] [BENCH_SECONDS=200]
+# usage: benchmarks/gpu_session.sh OUT_DIR [TOTAL_SECONDS=520] [BENCH_SECONDS=200 (0: no benchmark)]
+# env: INIT_FROM (model folder to resume from), INIT_STEP, BATCH_SIZE, LR
 # Needs a Python with CUDA torch, transformers, safetensors, tokenizers, tqdm; diffusers and bitsandbytes for the
 # benchmark's comparison rows (PYTHONPATH may point at them).
 set -uo pipefail
@@ -17,15 +18,17 @@ mkdir -p "$out"
 begin=$SECONDS
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 
-echo "== benchmark (at most ${bench} s)"
-PYTHON=$python timeout --signal=INT --kill-after=10 "$bench" bash benchmarks/gpu.sh 2>&1 | tee "$out/gpu_bench.md"
+if [ "$bench" -gt 0 ]; then
+  echo "== benchmark (at most ${bench} s)"
+  PYTHON=$python timeout --signal=INT --kill-after=10 "$bench" bash benchmarks/gpu.sh 2>&1 | tee "$out/gpu_bench.md"
+fi
 
 budget=$((total - (SECONDS - begin) - 70))
 echo "== training for ${budget} s of steps (after $((SECONDS - begin)) s)"
 run=/tmp/shapesworld-gpu
 rm -rf "$run" /tmp/shapesworld-export
 timeout --signal=INT $((budget + 60)) "$python" -m workbench.shapesworld train --stage transformer \
-  --init-from models/shapesworld-moe --run "$run" --device cuda --data-workers 12 \
+  --init-from "${INIT_FROM:-models/shapesworld-moe}" --init-step "${INIT_STEP:-2500}" --run "$run" --device cuda --data-workers 12 \
   --batch-size "${BATCH_SIZE:-256}" --lr "${LR:-5e-4}" --steps 1000000 --time-budget "$budget" \
   --checkpoint-every 2000 > "$out/train.log" 2>&1
 echo "training exit $?"

@@ -91,19 +91,12 @@ def test_consistency_figures_on_known_sequences():
 # ----------------------------------------------------------------------------------------------- on the model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the embedded model after 2500 training steps does not yet place objects by position (ShapesWorld "
-    "position accuracy 15.7%; the red centre stays near x = 0.57 in every frame); strict: an improved model "
-    "that passes makes this fail so the mark is removed",
-)
 def test_travel_moves_the_circle_left_to_right(pipe):
     sequence = make_frames(pipe, [LEFT, RIGHT], mode="travel", num_frames=12, seed=0, **TRAVEL)
     centres = [_red_centre_x(frame) for frame in sequence.frames]
     assert all(c is not None for c in centres), f"a frame without a red object: centres {centres}"
-    steps = np.diff(centres)
-    backwards = steps[steps < 0]
-    assert len(backwards) <= 1 and (len(backwards) == 0 or backwards[0] > -0.05), f"centres {centres}"
+    # Almost monotonic: no frame moves back by more than 2 % of the width (2 px at 96², rounding of the edge).
+    assert np.diff(centres).min() > -0.02, f"centres {centres}"
     assert centres[0] < 0.4 and centres[-1] > 0.6, f"centres {centres}"
     assert sequence.consistency["flicker"] < 0.2, sequence.consistency
 

@@ -430,8 +430,15 @@ def train_transformer(
         log.write(json.dumps(record) + "\n")
         step += 1
         bar.update(1)
-        if config.time_budget is not None and step == start + 30:
-            config.steps = _fit_steps_to_budget(config, start, step, time.perf_counter() - clock)
+        if config.time_budget is not None and step - start in (30, 200):
+            # At 30 steps with the start-up counted in (short), at 200 at the steady speed since step 30.
+            elapsed = time.perf_counter() - clock
+            if step - start == 30:
+                clock_30 = time.perf_counter()
+                config.steps = _fit_steps_to_budget(config, start, step, elapsed)
+            else:
+                steady = (time.perf_counter() - clock_30) / 170
+                config.steps = step + max(1, int((config.time_budget - elapsed) / steady))
             bar.total = config.steps
         if step % config.checkpoint_every == 0 or step == config.steps:
             per_bin = [s / c if c else None for s, c in zip(bins["sum"], bins["count"])]
