@@ -263,7 +263,11 @@ def test_attention_chunking_gives_identical_results(micro_folder, reference):
     pipe = load_pipeline(micro_folder, attention_chunk_size=7)
     assert all(m.chunk_size == 7 for m in pipe.transformer.modules() if type(m).__name__ == "Attention")
     inputs = _inputs(reference, size=12)
-    assert torch.equal(_velocity(pipe, inputs), _velocity(reference, inputs))
+    chunked, whole = _velocity(pipe, inputs), _velocity(reference, inputs)
+    # The same result up to float32 rounding: SDPA kernels round a query row differently depending on how many
+    # rows share the call, so bit-equality is not guaranteed (differences are ~1e-7 here).
+    torch.testing.assert_close(chunked, whole, atol=2e-6, rtol=0)
+    assert not torch.equal(whole, torch.zeros_like(whole))
     memory.prepare(pipe, attention_chunk_size=None)
     assert all(m.chunk_size is None for m in pipe.transformer.modules() if type(m).__name__ == "Attention")
 

@@ -52,7 +52,8 @@ def test_transformer_equals_diffusers(config):
         expected = reference(latents, text, pooled, timestep).sample
         got = ours(latents, text, pooled, timestep)
     assert got.shape == expected.shape == latents.shape
-    assert (got - expected).abs().max().item() <= 1e-5
+    # float32 rounding only: within 1e-5 of the output's scale (diffusers is itself ~1e-5 from a float64 run)
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
 def test_position_table_equals_diffusers_buffer():

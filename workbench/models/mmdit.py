@@ -146,8 +146,13 @@ class PatchEmbed(nn.Module):
                 f"latent grid {grid_h}x{grid_w} exceeds pos_embed_max_size={self.max_size} "
                 f"(largest image side: {self.max_size * self.patch_size * 8} px)"
             )
-        tokens = self.proj(latents).flatten(2).transpose(1, 2)
-        return (tokens + self.cropped_table(grid_h, grid_w)).to(tokens.dtype).contiguous()
+        # The stride-p convolution as one matmul over flattened patches (c, py, px): tokens come out contiguous.
+        batch, channels = latents.shape[:2]
+        p = self.patch_size
+        patches = latents.reshape(batch, channels, grid_h, p, grid_w, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(batch, grid_h * grid_w, channels * p * p)
+        tokens = F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
+        return (tokens + self.cropped_table(grid_h, grid_w)).to(tokens.dtype)
 
 
 class MLPEmbedder(nn.Module):
@@ -189,7 +194,13 @@ class Modulation(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """``x · (1 + scale) + shift`` for ``x (B, N, D)`` and per-sample ``shift, scale (B, D)``, in one pass."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``x + gate · update`` for ``x, update (B, N, D)`` and a per-sample ``gate (B, D)``, in one pass."""
+    return torch.addcmul(x, gate[:, None], update)
 
 
 class AdaLayerNormZero(Modulation):
@@ -281,18 +292,24 @@ class Attention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        if context is not None:
-            cq, ck, cv = self._qkv(
-                context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
-            )
-            q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
-        out = chunked_attention(q, k, v, self.chunk_size)
-        out = out.transpose(1, 2).reshape(x.shape[0], -1, self.heads * q.shape[-1]).to(q.dtype)
         if context is None:
-            return self.to_out[0](out)
-        image, text = out[:, : x.shape[1]], out[:, x.shape[1] :]
-        text = self.to_add_out(text) if self.to_add_out is not None else None
-        return self.to_out[0](image), text
+            return self.to_out[0](self._merge(chunked_attention(q, k, v, self.chunk_size), q.dtype))
+        cq, ck, cv = self._qkv(
+            context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
+        )
+        # Joint attention over [image; text] keys, with the image and text queries attended separately: the same
+        # result as one call on the concatenated queries, without slicing the output apart, and the text queries
+        # are skipped where their output is not used (the last block).
+        k, v = torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+        image = self.to_out[0](self._merge(chunked_attention(q, k, v, self.chunk_size), q.dtype))
+        if self.to_add_out is None:
+            return image, None
+        return image, self.to_add_out(self._merge(chunked_attention(cq, k, v, self.chunk_size), q.dtype))
+
+    @staticmethod
+    def _merge(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, heads, S, head_dim)`` → ``(B, S, heads·head_dim)``."""
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1).to(dtype)
 
 
 class JointTransformerBlock(nn.Module):
@@ -333,16 +350,16 @@ class JointTransformerBlock(nn.Module):
             context_normed, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, cond)
 
         attn_image, attn_text = self.attn(normed, context_normed)
-        x = x + gate_msa[:, None] * attn_image
+        x = gated_residual(x, gate_msa, attn_image)
         if self.attn2 is not None:
-            x = x + gate_msa2[:, None] * self.attn2(normed2)
-        x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            x = gated_residual(x, gate_msa2, self.attn2(normed2))
+        x = gated_residual(x, gate_mlp, self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
         if self.context_pre_only:
             return x, None
-        context = context + c_gate_msa[:, None] * attn_text
+        context = gated_residual(context, c_gate_msa, attn_text)
         ff_text = self.ff_context(modulate(self.norm2_context(context), c_shift_mlp, c_scale_mlp))
-        return x, context + c_gate_mlp[:, None] * ff_text
+        return x, gated_residual(context, c_gate_mlp, ff_text)
 
 
 class MMDiT(nn.Module):
