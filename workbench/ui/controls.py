@@ -2,23 +2,76 @@
 
 Widget values map to :meth:`workbench.Pipeline.__call__` arguments with :func:`generation_kwargs`: seed −1 means a
 random seed; dynamic thresholding 0 means off; width and height are multiples of 16 bounded by the model's position
-table (``pipe.max_image_side``).
+table (``pipe.max_image_side``). Handlers take those values as one :class:`SamplingValues` argument; the
+:func:`sampling_parameters` decorator spreads it into the named parameters that Gradio's API shows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import gradio as gr
 
 from workbench import GenerationCancelled, Pipeline
 from workbench.flow import SAMPLERS, img2img_start
 from workbench.pipeline import MAX_SEED
+from workbench.ui.params import Handler, spread_fields
 from workbench.ui.session import Step, Workbench
 
 SIZE_STEP = 16
 MAX_BATCH = 8
+
+
+@dataclass(frozen=True)
+class SamplingValues:
+    """The values of :meth:`SamplingControls.settings` as one handler argument (see :func:`sampling_parameters`)."""
+
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seed: int
+    batch_count: int
+    sampler: str
+    shift: float
+    flow_temperature: float
+    dynamic_thresholding: float
+
+    def kwargs(self, **overrides: Any) -> dict:
+        """:func:`generation_kwargs` of these values, ``overrides`` (such as ``batch_count=1``) replacing fields;
+        raises ValueError on bad values."""
+        return generation_kwargs(**vars(replace(self, **overrides)))
+
+
+def sampling_defaults(pipe: Pipeline) -> SamplingValues:
+    """The API endpoints' default settings: the model's defaults, no negative prompt, seed −1 (random), one image."""
+    d = pipe.defaults
+    return SamplingValues(
+        negative_prompt="",
+        steps=d.num_inference_steps,
+        guidance_scale=d.guidance_scale,
+        width=d.width,
+        height=d.height,
+        seed=-1,
+        batch_count=1,
+        sampler=d.sampler,
+        shift=d.shift,
+        flow_temperature=1.0,
+        dynamic_thresholding=0.0,
+    )
+
+
+_spread_settings = spread_fields(SamplingValues, "settings")
+
+
+def sampling_parameters(fn: Handler) -> Handler:
+    """Decorator for a handler with a parameter ``settings: SamplingValues``: Gradio sees the eleven widget values of
+    :meth:`SamplingControls.settings` in its place (see :func:`workbench.ui.params.spread_fields`); they default to
+    the fields of ``settings``'s default (such as :func:`sampling_defaults`) when it has one."""
+    return _spread_settings(fn)
 
 
 @dataclass
@@ -41,20 +94,8 @@ class SamplingControls:
     random_seed: gr.Button
 
     def settings(self) -> list[gr.components.Component]:
-        """Everything after the prompt, in the order of :func:`generation_kwargs`'s arguments."""
-        return [
-            self.negative_prompt,
-            self.steps,
-            self.guidance_scale,
-            self.width,
-            self.height,
-            self.seed,
-            self.batch_count,
-            self.sampler,
-            self.shift,
-            self.flow_temperature,
-            self.dynamic_thresholding,
-        ]
+        """Everything after the prompt, in the order of :class:`SamplingValues` (and :func:`generation_kwargs`)."""
+        return [getattr(self, field.name) for field in fields(SamplingValues)]
 
     def inputs(self) -> list[gr.components.Component]:
         return [self.prompt, *self.settings()]

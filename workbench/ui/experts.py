@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from workbench import GenerationCancelled, Pipeline
-from workbench.ui.controls import SamplingControls, generation_kwargs, publish
+from workbench.ui.controls import SamplingControls, SamplingValues, publish, sampling_parameters
 from workbench.ui.session import GPU, MODEL_CONCURRENCY, Step, Workbench, page_errors, stop_handler
 
 MAX_EXPERT_SLIDERS = 16
@@ -139,20 +139,11 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
     routing = gr.State(None)
 
     @GPU
+    @sampling_parameters
     def run(
         request: gr.Request,
         prompt: str,
-        negative_prompt: str,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
-        seed: int,
-        batch_count: int,
-        sampler: str,
-        shift: float,
-        flow_temperature: float,
-        dynamic_thresholding: float,
+        settings: SamplingValues,
         previous_seed: int | None,
         router_temperature: float,
         *weight_values: float,
@@ -162,19 +153,7 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
         with page_errors("Experts"):
             if wb.pipe.num_experts == 0:
                 raise ValueError("this model has no experts: load a Mixture-of-Experts model in the Model tab")
-            kwargs = generation_kwargs(
-                negative_prompt,
-                steps,
-                guidance_scale,
-                width,
-                height,
-                resolve_seed(seed, previous_seed),
-                1,
-                sampler,
-                shift,
-                flow_temperature,
-                dynamic_thresholding,
-            )
+            kwargs = settings.kwargs(seed=resolve_seed(settings.seed, previous_seed), batch_count=1)
             kwargs.update(
                 expert_weights=expert_weights(list(weight_values), wb.pipe.num_experts),
                 router_temperature=float(router_temperature),

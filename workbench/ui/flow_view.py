@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from workbench import GenerationCancelled
-from workbench.ui.controls import SamplingControls, generation_kwargs, publish
+from workbench.ui.controls import SamplingControls, SamplingValues, publish, sampling_parameters
 from workbench.ui.experts import resolve_seed
 from workbench.ui.session import GPU, MODEL_CONCURRENCY, Step, Workbench, page_errors, stop_handler
 
@@ -47,39 +47,14 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> FlowTab:
     strip = gr.Image(label="Predicted clean image x̂0 per step", interactive=False, elem_id="flow-strip")
 
     @GPU
+    @sampling_parameters
     def run(
-        request: gr.Request,
-        prompt: str,
-        negative_prompt: str,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
-        seed: int,
-        batch_count: int,
-        sampler: str,
-        shift: float,
-        flow_temperature: float,
-        dynamic_thresholding: float,
-        previous_seed: int | None,
-        frames: int,
+        request: gr.Request, prompt: str, settings: SamplingValues, previous_seed: int | None, frames: int
     ) -> Iterator[dict]:
         from workbench.viz import straightness_plot, trajectory_strip
 
         with page_errors("Flow"):
-            kwargs = generation_kwargs(
-                negative_prompt,
-                steps,
-                guidance_scale,
-                width,
-                height,
-                resolve_seed(seed, previous_seed),
-                1,
-                sampler,
-                shift,
-                flow_temperature,
-                dynamic_thresholding,
-            )
+            kwargs = settings.kwargs(seed=resolve_seed(settings.seed, previous_seed), batch_count=1)
             kwargs["record_trajectory"] = True
 
             def work(callback):

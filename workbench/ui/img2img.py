@@ -12,11 +12,13 @@ from PIL import Image
 from workbench.ui.controls import (
     ResultsPanel,
     SamplingControls,
+    SamplingValues,
     gallery_items,
-    generation_kwargs,
     publish,
     results_panel,
     sampling_controls,
+    sampling_defaults,
+    sampling_parameters,
     stream_generation,
 )
 from workbench.ui.session import GPU, MODEL_CONCURRENCY, Workbench, page_errors, stop_handler
@@ -42,40 +44,16 @@ def _start_image(image: Image.Image | None) -> Image.Image:
 
 def api_function(wb: Workbench):
     """The plain ``/img2img`` endpoint: returns (gallery of PNG paths, first seed used, its parameters text)."""
-    d = wb.pipe.defaults
+    defaults = sampling_defaults(wb.pipe)
 
     @GPU
+    @sampling_parameters
     def img2img(
-        prompt: str,
-        image: Image.Image | None,
-        strength: float = DEFAULT_STRENGTH,
-        negative_prompt: str = "",
-        steps: int = d.num_inference_steps,
-        guidance_scale: float = d.guidance_scale,
-        width: int = d.width,
-        height: int = d.height,
-        seed: int = -1,
-        batch_count: int = 1,
-        sampler: str = d.sampler,
-        shift: float = d.shift,
-        flow_temperature: float = 1.0,
-        dynamic_thresholding: float = 0.0,
+        prompt: str, image: Image.Image | None, strength: float = DEFAULT_STRENGTH, settings: SamplingValues = defaults
     ) -> tuple[list[tuple[str, str]], int, str]:
         """Image → image from ``image`` (resized to width × height) with diffusers' ``strength`` semantics."""
         with page_errors("Image → Image"):
-            kwargs = generation_kwargs(
-                negative_prompt,
-                steps,
-                guidance_scale,
-                width,
-                height,
-                seed,
-                batch_count,
-                sampler,
-                shift,
-                flow_temperature,
-                dynamic_thresholding,
-            )
+            kwargs = settings.kwargs()
             kwargs.update(image=_start_image(image), strength=float(strength))
             results = publish(wb, wb.generate(prompt, **kwargs), "img2img")
         return gallery_items(results), results[0]["seed"], results[0]["parameters"]
@@ -99,37 +77,12 @@ def build(wb: Workbench) -> Img2ImgTab:
             panel = results_panel("i2i")
 
     @GPU
+    @sampling_parameters
     def run(
-        prompt: str,
-        image: Image.Image | None,
-        strength: float,
-        negative_prompt: str,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
-        seed: int,
-        batch_count: int,
-        sampler: str,
-        shift: float,
-        flow_temperature: float,
-        dynamic_thresholding: float,
-        request: gr.Request,
+        prompt: str, image: Image.Image | None, strength: float, settings: SamplingValues, request: gr.Request
     ) -> Iterator[dict]:
         with page_errors("Image → Image"):
-            kwargs = generation_kwargs(
-                negative_prompt,
-                steps,
-                guidance_scale,
-                width,
-                height,
-                seed,
-                batch_count,
-                sampler,
-                shift,
-                flow_temperature,
-                dynamic_thresholding,
-            )
+            kwargs = settings.kwargs()
             kwargs.update(image=_start_image(image), strength=float(strength))
             yield from stream_generation(wb, panel, request.session_hash, "img2img", prompt, kwargs)
 

@@ -10,11 +10,13 @@ import gradio as gr
 from workbench.ui.controls import (
     ResultsPanel,
     SamplingControls,
+    SamplingValues,
     gallery_items,
-    generation_kwargs,
     publish,
     results_panel,
     sampling_controls,
+    sampling_defaults,
+    sampling_parameters,
     stream_generation,
 )
 from workbench.ui.session import GPU, MODEL_CONCURRENCY, Workbench, page_errors, stop_handler
@@ -30,39 +32,15 @@ class Text2ImgTab:
 
 def api_function(wb: Workbench):
     """The plain ``/text2img`` endpoint: returns (gallery of PNG paths, first seed used, its parameters text)."""
-    d = wb.pipe.defaults
+    defaults = sampling_defaults(wb.pipe)
 
     @GPU
-    def text2img(
-        prompt: str,
-        negative_prompt: str = "",
-        steps: int = d.num_inference_steps,
-        guidance_scale: float = d.guidance_scale,
-        width: int = d.width,
-        height: int = d.height,
-        seed: int = -1,
-        batch_count: int = 1,
-        sampler: str = d.sampler,
-        shift: float = d.shift,
-        flow_temperature: float = 1.0,
-        dynamic_thresholding: float = 0.0,
-    ) -> tuple[list[tuple[str, str]], int, str]:
+    @sampling_parameters
+    def text2img(prompt: str, settings: SamplingValues = defaults) -> tuple[list[tuple[str, str]], int, str]:
         """Text → image. Returns the images (PNG files with a ``parameters`` chunk), the seed of the first image
         (image i used seed + i) and the first image's parameters."""
         with page_errors("Text → Image"):
-            kwargs = generation_kwargs(
-                negative_prompt,
-                steps,
-                guidance_scale,
-                width,
-                height,
-                seed,
-                batch_count,
-                sampler,
-                shift,
-                flow_temperature,
-                dynamic_thresholding,
-            )
+            kwargs = settings.kwargs()
             results = publish(wb, wb.generate(prompt, **kwargs), "text2img")
         return gallery_items(results), results[0]["seed"], results[0]["parameters"]
 
@@ -81,35 +59,10 @@ def build(wb: Workbench, last_seed: gr.State) -> Text2ImgTab:
             panel = results_panel("t2i")
 
     @GPU
-    def run(
-        prompt: str,
-        negative_prompt: str,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
-        seed: int,
-        batch_count: int,
-        sampler: str,
-        shift: float,
-        flow_temperature: float,
-        dynamic_thresholding: float,
-        request: gr.Request,
-    ) -> Iterator[dict]:
+    @sampling_parameters
+    def run(prompt: str, settings: SamplingValues, request: gr.Request) -> Iterator[dict]:
         with page_errors("Text → Image"):
-            kwargs = generation_kwargs(
-                negative_prompt,
-                steps,
-                guidance_scale,
-                width,
-                height,
-                seed,
-                batch_count,
-                sampler,
-                shift,
-                flow_temperature,
-                dynamic_thresholding,
-            )
+            kwargs = settings.kwargs()
             for update in stream_generation(wb, panel, request.session_hash, "text2img", prompt, kwargs):
                 if panel.used_seed in update:
                     update[last_seed] = update[panel.used_seed]

@@ -7,12 +7,13 @@ loopback image→image), played as MP4 or GIF and offered as files with the PNG 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import gradio as gr
 
 from workbench import GenerationCancelled, Pipeline
 from workbench.flow import img2img_start
+from workbench.ui.params import Handler, spread_fields
 from workbench.ui.session import GPU, MODEL_CONCURRENCY, Step, Workbench, page_errors, stop_handler
 
 MODES = ("auto", "travel", "walk", "loopback")
@@ -27,6 +28,59 @@ HELP = (
     "one seed s for s → s+1); **loopback** feeds each frame back through image → image; **auto** travels with "
     "several prompts and walks with one."
 )
+
+
+@dataclass(frozen=True)
+class FramesValues:
+    """The values of :meth:`FramesTab.inputs` after the prompts, as one handler argument (spread into one parameter
+    each by :func:`frames_parameters`)."""
+
+    negative_prompt: str
+    mode: str
+    num_frames: int
+    fps: float
+    seed: str
+    loopback_strength: float
+    easing: str
+    video_format: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+
+    def request(self, prompt: str) -> dict:
+        """:func:`frames_request` of ``prompt`` and these values (raises ValueError on bad ones)."""
+        values = {k: v for k, v in vars(self).items() if k not in ("fps", "video_format")}
+        return frames_request(prompt, **values)
+
+
+def frames_defaults(pipe: Pipeline) -> FramesValues:
+    """The ``/frames`` endpoint's defaults: the tab's, with the model's steps, guidance and size."""
+    d = pipe.defaults
+    return FramesValues(
+        negative_prompt="",
+        mode="auto",
+        num_frames=DEFAULT_FRAMES,
+        fps=DEFAULT_FPS,
+        seed="0",
+        loopback_strength=DEFAULT_LOOPBACK_STRENGTH,
+        easing="linear",
+        video_format="mp4",
+        steps=d.num_inference_steps,
+        guidance_scale=d.guidance_scale,
+        width=d.width,
+        height=d.height,
+    )
+
+
+_spread_values = spread_fields(FramesValues, "values")
+
+
+def frames_parameters(fn: Handler) -> Handler:
+    """Decorator for a handler with a parameter ``values: FramesValues``: Gradio sees the twelve widget values of
+    :class:`FramesValues` in its place (see :func:`workbench.ui.params.spread_fields`); they default to the fields of
+    ``values``'s default (such as :func:`frames_defaults`) when it has one."""
+    return _spread_values(fn)
 
 
 @dataclass
@@ -53,21 +107,8 @@ class FramesTab:
     status: gr.Markdown
 
     def inputs(self) -> list:
-        return [
-            self.prompts,
-            self.negative_prompt,
-            self.mode,
-            self.num_frames,
-            self.fps,
-            self.seed,
-            self.loopback_strength,
-            self.easing,
-            self.video_format,
-            self.steps,
-            self.guidance_scale,
-            self.width,
-            self.height,
-        ]
+        """The prompts, then the widgets of :class:`FramesValues` in its order."""
+        return [self.prompts, *(getattr(self, field.name) for field in fields(FramesValues))]
 
     def model_updates(self, pipe: Pipeline, reset_values: bool) -> dict:
         d, side = pipe.defaults, pipe.max_image_side
@@ -152,43 +193,18 @@ def render(wb: Workbench, request: dict, video_format: str, fps: float, step_cal
 
 def api_function(wb: Workbench):
     """The plain ``/frames`` endpoint: returns (video or GIF file, gallery of PNG frames, consistency line)."""
-    d = wb.pipe.defaults
+    defaults = frames_defaults(wb.pipe)
 
     @GPU
-    def frames(
-        prompt: str,
-        negative_prompt: str = "",
-        mode: str = "auto",
-        num_frames: int = DEFAULT_FRAMES,
-        fps: float = DEFAULT_FPS,
-        seed: str = "0",
-        loopback_strength: float = DEFAULT_LOOPBACK_STRENGTH,
-        easing: str = "linear",
-        video_format: str = "mp4",
-        steps: int = d.num_inference_steps,
-        guidance_scale: float = d.guidance_scale,
-        width: int = d.width,
-        height: int = d.height,
-    ) -> tuple[str, list[tuple[str, str]], str]:
+    @frames_parameters
+    def frames(prompt: str, values: FramesValues = defaults) -> tuple[str, list[tuple[str, str]], str]:
         """A frame sequence from one or more prompts (one per line); see the tab's help for the modes."""
         from workbench.frames import format_consistency
 
         with page_errors("Video frames"):
-            request = frames_request(
-                prompt,
-                negative_prompt,
-                mode,
-                num_frames,
-                seed,
-                loopback_strength,
-                easing,
-                steps,
-                guidance_scale,
-                width,
-                height,
-            )
+            request = values.request(prompt)
             with wb.lock:
-                sequence, video, pngs = render(wb, request, video_format, fps)
+                sequence, video, pngs = render(wb, request, values.video_format, values.fps)
         return video, [(p, f"frame {i}") for i, p in enumerate(pngs)], format_consistency(sequence.consistency)
 
     return frames
@@ -260,46 +276,20 @@ def build(wb: Workbench) -> FramesTab:
     )
 
     @GPU
-    def run(
-        prompt: str,
-        negative_prompt: str,
-        mode: str,
-        num_frames: int,
-        fps: float,
-        seed: str,
-        loopback_strength: float,
-        easing: str,
-        video_format: str,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
-        request: gr.Request,
-    ) -> Iterator[dict]:
+    @frames_parameters
+    def run(prompt: str, values: FramesValues, request: gr.Request) -> Iterator[dict]:
         from workbench.frames import format_consistency
 
         with page_errors("Video frames"):
-            frames = frames_request(
-                prompt,
-                negative_prompt,
-                mode,
-                num_frames,
-                seed,
-                loopback_strength,
-                easing,
-                steps,
-                guidance_scale,
-                width,
-                height,
-            )
-            work = lambda callback: render(wb, frames, video_format, fps, callback)
+            frames = values.request(prompt)
+            work = lambda callback: render(wb, frames, values.video_format, values.fps, callback)
             try:
                 for event in wb.stream(request.session_hash, work, total_steps(frames)):
                     if isinstance(event, Step):
                         yield {preview: event.preview, status: f"Step {event.index + 1} of {event.total}"}
                         continue
                     sequence, path, pngs = event.result
-                    is_mp4 = video_format == "mp4"
+                    is_mp4 = values.video_format == "mp4"
                     yield {
                         video: gr.update(value=path if is_mp4 else None, visible=is_mp4),
                         gif: gr.update(value=None if is_mp4 else path, visible=not is_mp4),
