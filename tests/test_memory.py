@@ -78,7 +78,7 @@ def test_quantized_transformer_is_close_to_full_precision(micro_folder, referenc
 
 
 def test_kept_modules_stay_in_full_precision(micro_folder):
-    pipe = load_pipeline(micro_folder, quantization="nf4")
+    pipe = load_pipeline(micro_folder, quantization="nf4", quantize_modulation=False)
     quantized_types = (bnb.nn.Linear4bit,)
     kept, quantized = [], []
     for name, module in pipe.transformer.named_modules():
@@ -86,7 +86,7 @@ def test_kept_modules_stay_in_full_precision(micro_folder):
             quantized.append(name)
         elif type(module) is nn.Linear:
             kept.append(name)
-    assert quantized and all(not memory.keeps_full_precision(n) for n in quantized)
+    assert quantized and all(not memory.keeps_full_precision(n, quantize_modulation=False) for n in quantized)
     for pattern in (
         "norm1.linear",
         "norm1_context.linear",
@@ -102,8 +102,8 @@ def test_kept_modules_stay_in_full_precision(micro_folder):
     assert all(pipe.transformer.get_submodule(n).weight.dtype == torch.float32 for n in kept)
 
 
-def test_quantize_modulation_quantizes_the_adaln_linears(micro_folder):
-    pipe = load_pipeline(micro_folder, quantization="int8", int8_backend="weight_only", quantize_modulation=True)
+def test_adaln_linears_are_quantized_by_default(micro_folder):
+    pipe = load_pipeline(micro_folder, quantization="int8", int8_backend="weight_only")
     block = pipe.transformer.transformer_blocks[0]
     assert isinstance(block.norm1.linear, memory.Int8WeightOnlyLinear)
     assert isinstance(pipe.transformer.norm_out.linear, memory.Int8WeightOnlyLinear)

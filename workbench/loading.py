@@ -545,7 +545,7 @@ def load_pipeline(
     *,
     attention_chunk_size: int | None = None,
     quantize_text_encoders: bool = False,
-    quantize_modulation: bool = False,
+    quantize_modulation: bool = True,
     int8_backend: str = "auto",
     cpu_kernels: bool | None = None,
     vae_tile_threshold: int | None = None,

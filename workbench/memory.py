@@ -6,8 +6,10 @@ Entry point :func:`prepare` (called by ``loading.load_pipeline``). Its parts:
   ``quantize_text_encoders``, the text encoders' — by bitsandbytes layers (``bnb.nn.Linear8bitLt``,
   ``bnb.nn.Linear4bit``) or, for int8 on the CPU, by a faster torch path (see :data:`INT8_BACKENDS`). Layers that
   condition everything else stay in the compute dtype: patch embedding, time/text embedders, ``context_embedder``,
-  the adaLN modulation linears (``norm1.linear``, ``norm1_context.linear``, ``norm_out.linear``; quantized too with
-  ``quantize_modulation=True``), the final projection ``proj_out`` and MoE routers. :func:`stream_transformer`
+  the final projection ``proj_out`` and MoE routers. The adaLN modulation linears (``norm1.linear``,
+  ``norm1_context.linear``, ``norm_out.linear``) hold a third of SD3-Medium's weights and are quantized too unless
+  ``quantize_modulation=False`` (the embedded model's accuracy and SD3-Medium's velocity error stay within the
+  noise of the unquantized-modulation variant; README, "Memory and speed"). :func:`stream_transformer`
   builds a quantized transformer from a stream of ``(name, tensor)`` pairs, so the full-precision weights are never
   all in memory at once.
 - **Offload**: ``"model"`` keeps each component (every text encoder, the transformer, the VAE) on the execution
@@ -121,13 +123,13 @@ def _has_component(name: str, pattern: str) -> bool:
     return f".{pattern}." in f".{name}."
 
 
-def keeps_full_precision(name: str, quantize_modulation: bool = False) -> bool:
+def keeps_full_precision(name: str, quantize_modulation: bool = True) -> bool:
     """Whether the transformer's module ``name`` stays unquantized (see :data:`FULL_PRECISION_MODULES`)."""
     kept = [p for p in FULL_PRECISION_MODULES if not (quantize_modulation and p in MODULATION_MODULES)]
     return any(_has_component(name, pattern) for pattern in kept)
 
 
-def quantization_targets(model: nn.Module, quantize_modulation: bool = False) -> list[str]:
+def quantization_targets(model: nn.Module, quantize_modulation: bool = True) -> list[str]:
     """Names of the transformer's ``nn.Linear`` modules that quantization replaces."""
     return [
         name
@@ -309,7 +311,7 @@ def quantize_transformer(
     quantization: str,
     compute_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-    quantize_modulation: bool = False,
+    quantize_modulation: bool = True,
     int8_backend: str = "auto",
 ) -> MMDiT:
     """Quantize an in-memory transformer in place (layer by layer); see :func:`stream_transformer` to load one
@@ -357,7 +359,7 @@ def stream_transformer(
     dtype: torch.dtype = torch.float32,
     quantization: str | None = None,
     device: str | torch.device = "cpu",
-    quantize_modulation: bool = False,
+    quantize_modulation: bool = True,
     int8_backend: str = "auto",
     source: str = "transformer",
 ) -> MMDiT:
@@ -755,7 +757,7 @@ def prepare(
     attention_chunk_size: int | None = None,
     *,
     quantize_text_encoders: bool = False,
-    quantize_modulation: bool = False,
+    quantize_modulation: bool = True,
     int8_backend: str = "auto",
     cpu_kernels: bool | None = None,
     vae_tile_threshold: int | None = None,
@@ -764,9 +766,10 @@ def prepare(
 
     ``quantization`` ∈ {None, "int8", "nf4", "fp4"} quantizes the transformer (unless already quantized, e.g. by
     the streaming loader) in ``pipe.dtype``; ``quantize_text_encoders`` also quantizes the text encoders;
-    ``quantize_modulation`` quantizes the adaLN modulation linears too (smaller, less exact). ``offload`` ∈ {None,
-    "model", "sequential"} keeps weights on the CPU and runs on ``device``. ``attention_chunk_size`` bounds the
-    attention's query block; ``vae_tile_threshold`` (latent pixels) overrides where VAE tiling starts.
+    ``quantize_modulation`` (default) quantizes the adaLN modulation linears too, ``False`` keeps them in the
+    compute dtype (larger, slightly more exact). ``offload`` ∈ {None, "model", "sequential"} keeps weights on the
+    CPU and runs on ``device``. ``attention_chunk_size`` bounds the attention's query block; ``vae_tile_threshold``
+    (latent pixels) overrides where VAE tiling starts.
     ``cpu_kernels`` (None: on for bfloat16 on the CPU without offload) packs the transformer's linears for oneDNN.
     """
     check_options(quantization, offload, attention_chunk_size, int8_backend, vae_tile_threshold)

@@ -72,7 +72,7 @@ def _eval(args: argparse.Namespace) -> int:
     from workbench import load_pipeline
     from workbench.shapesworld.evaluate import evaluate, format_table
 
-    pipe = load_pipeline(args.model, quantization=args.quantization, quantize_modulation=args.quantize_modulation)
+    pipe = load_pipeline(args.model, quantization=args.quantization, quantize_modulation=not args.keep_modulation)
     settings = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance, shift=args.shift, sampler=args.sampler
     )
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
     ev.add_argument("--quantization", default=None, choices=["int8", "nf4", "fp4"])
     ev.add_argument(
-        "--quantize-modulation", action="store_true", help="with --quantization: quantize the adaLN linears too"
+        "--keep-modulation", action="store_true", help="with --quantization: keep the adaLN linears unquantized"
     )
     ev.set_defaults(run_command=_eval)
     add_data_commands(commands)
