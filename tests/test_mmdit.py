@@ -149,5 +149,12 @@ def test_load_balancing_loss_and_routing_record():
     assert stacked.shape == (3, 1, 2, (24 // 2) * (40 // 2), 4)
     assert record.grid == (12, 20)
     assert torch.allclose(record.expert_share().sum(-1), torch.ones(1), atol=1e-2)
+    top2 = record.token_share(2)
+    assert top2.shape == (1, 4) and torch.allclose(top2.sum(-1), torch.ones(1))
+    # Cross-check against an explicit count of each token's two highest gates.
+    counts = torch.zeros(4)
+    for gates in stacked.reshape(-1, 4):
+        counts[gates.topk(2).indices] += 1
+    assert torch.allclose(top2[0], counts / counts.sum())
     with pytest.raises(ValueError, match="no Mixture-of-Experts"):
         MMDiT(MMDiTConfig(**SD3_LIKE)).set_routing([1, 1])

@@ -315,3 +315,16 @@ def test_cli_render_and_eval_renders(tmp_path, capsys):
     assert len(lines) == 3 and all((tmp_path / line.split("\t")[0]).exists() for line in lines)
     args = parser.parse_args(["eval-renders", "--n", "10", "--sizes", "96"])
     assert args.run(args) == 0 and "| 96x96 |" in capsys.readouterr().out
+
+
+def test_eval_command_prints_the_table_and_each_experts_token_share(capsys):
+    from workbench.shapesworld.__main__ import main
+
+    assert main(["eval", "--n", "2", "--size", "96", "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| 96x96 | one | 1 |" in printed and "| 96x96 | two | 1 |" in printed
+    rows = re.findall(r"block (\d+): (.+)", printed)
+    assert [int(b) for b, _ in rows] == [1, 3, 5]
+    for _, shares in rows:
+        values = [float(v) for v in re.findall(r"([\d.]+) %", shares)]
+        assert len(values) == 4 and abs(sum(values) - 100) < 0.5

@@ -84,6 +84,14 @@ class RoutingRecord:
         """Mean gate of each expert per block, shape ``(blocks, E)``, averaged over steps, images and tokens."""
         return self.stacked().mean(dim=(0, 2, 3))
 
+    def token_share(self, top_k: int) -> torch.Tensor:
+        """Share of the routed token slots each expert receives per block, shape ``(blocks, E)``, rows summing to 1:
+        every token goes to the ``top_k`` experts of highest gate, counted over steps, images and tokens."""
+        gates = self.stacked()
+        chosen = gates.topk(top_k, dim=-1).indices
+        counts = torch.nn.functional.one_hot(chosen, gates.shape[-1]).sum(dim=-2).float()
+        return counts.mean(dim=(0, 2, 3)) / top_k
+
 
 class MoEFeedForward(nn.Module):
     """Routed feed-forward with ``num_experts`` experts, optional top-k and shared expert.

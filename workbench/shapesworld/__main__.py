@@ -77,13 +77,27 @@ def _eval(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps, guidance_scale=args.guidance, shift=args.shift, sampler=args.sampler
     )
 
+    routed = pipe.num_experts > 1
+    top_k = pipe.transformer.moe_layers[0].top_k if routed else 0  # num_experts for soft routing
+    shares: list[tuple[int, object]] = []
+
     def generate(captions: list[str], seeds: list[int]):
-        return pipe(captions, seed=list(seeds), height=args.size, width=args.size, **settings).images
+        out = pipe(captions, seed=list(seeds), height=args.size, width=args.size, record_routing=routed, **settings)
+        if routed:
+            shares.append((len(captions), out.routing.token_share(top_k)))
+        return out.images
 
     start = time.perf_counter()
     results = evaluate(generate, n=args.n, seed=args.seed, kind=args.kind, height=args.size, width=args.size)
+    seconds = time.perf_counter() - start
     print(format_table(results))
-    print(f"\n{args.n} fresh canonical captions ({args.kind}), seed {args.seed}, {time.perf_counter() - start:.0f} s")
+    if shares:
+        total = sum(count * share for count, share in shares) / sum(count for count, _ in shares)
+        blocks = pipe.transformer.config.moe_layers
+        print(f"\nshare of routed tokens per expert (top-{top_k}), over all steps and images:")
+        for block, row in zip(blocks, total.tolist()):
+            print(f"  block {block}: " + " / ".join(f"{100 * value:.1f} %" for value in row))
+    print(f"\n{args.n} fresh canonical captions ({args.kind}), seed {args.seed}, {seconds:.0f} s")
     return 0
 
 
