@@ -28,7 +28,7 @@ echo "== training for ${budget} s of steps (after $((SECONDS - begin)) s)"
 run=/tmp/shapesworld-gpu
 rm -rf "$run" /tmp/shapesworld-export
 timeout --signal=INT $((budget + 60)) "$python" -m workbench.shapesworld train --stage transformer \
-  --init-from "${INIT_FROM:-models/shapesworld-moe}" --init-step "${INIT_STEP:-2500}" --run "$run" --device cuda --data-workers 12 \
+  --init-from "${INIT_FROM:-models/shapesworld-moe}" ${INIT_STEP:+--init-step "$INIT_STEP"} --run "$run" --device cuda --data-workers 12 \
   --batch-size "${BATCH_SIZE:-256}" --lr "${LR:-5e-4}" --steps 1000000 --time-budget "$budget" \
   --checkpoint-every 2000 > "$out/train.log" 2>&1
 echo "training exit $?"

@@ -11,6 +11,7 @@ from workbench.shapesworld.train import (
     TrainConfig,
     _fit_steps_to_budget,
     load_trained_vae,
+    seed_run_from_model,
     step_batches,
     train_transformer,
     train_vae,
@@ -46,6 +47,10 @@ def test_micro_training_learns_resumes_and_exports(tmp_path):
     out = pipe("a red circle at the center on a white background", seed=0, height=96, width=96)
     assert out.images[0].size == (96, 96)
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    # A run seeded from the exported folder resumes the schedule at the step the folder records.
+    assert json.loads((folder / "model_index.json").read_text())["workbench"]["training_step"] == 30
+    assert seed_run_from_model(folder, tmp_path / "seeded") == 30
+    assert json.loads((tmp_path / "seeded" / "transformer.json").read_text())["step"] == 30
 
 
 def test_batches_do_not_depend_on_the_number_of_rendering_workers():

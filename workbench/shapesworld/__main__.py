@@ -133,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--init-from", default=None, help="seed an empty run folder from an exported model (models/shapesworld-moe)"
     )
-    train.add_argument("--init-step", type=int, default=2500, help="schedule step the seeded run resumes at")
+    train.add_argument(
+        "--init-step",
+        type=int,
+        default=None,
+        help="schedule step the seeded run resumes at (default: the model's training_step)",
+    )
     train.set_defaults(run_command=_train)
     export = commands.add_parser("export", help="write the run's EMA weights as the model folder")
     export.add_argument("--run", default="runs/shapesworld")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def fit_preview(pipe: Pipeline, batches: int = 4) -> None:
 
 def export_run(run: Path, out: Path = EMBEDDED_MODEL, spec: ShapesWorldSpec | None = None, **defaults: object) -> Path:
     """Write the EMA weights of ``run`` as a model folder at ``out`` (replacing it); ``defaults`` override the
-    generation defaults (steps, guidance, shift …) recorded in ``model_index.json``."""
+    generation defaults (steps, guidance, shift …) recorded in ``model_index.json``, beside the transformer's
+    training step (``training_step``, where ``train --init-from`` resumes the schedule)."""
     spec = spec or ShapesWorldSpec()
     pipe = load_ema_pipeline(run, spec, TrainConfig())
     for key, value in defaults.items():
@@ -40,7 +42,8 @@ def export_run(run: Path, out: Path = EMBEDDED_MODEL, spec: ShapesWorldSpec | No
     staging = out.with_name(out.name + ".tmp")
     if staging.exists():
         shutil.rmtree(staging)
-    save_pipeline(pipe, staging, extra={"name": pipe.name}, weight_dtype=torch.float16)
+    step = json.loads((run / "transformer.json").read_text())["step"]
+    save_pipeline(pipe, staging, extra={"name": pipe.name, "training_step": step}, weight_dtype=torch.float16)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

@@ -481,12 +481,15 @@ def load_ema_pipeline(run: Path, spec: ShapesWorldSpec, config: TrainConfig) -> 
     return pipe
 
 
-def seed_run_from_model(folder: Path, run: Path, step: int) -> None:
+def seed_run_from_model(folder: Path, run: Path, step: int | None = None) -> int:
     """Start a run folder from an exported model (the committed ``models/shapesworld-moe``) so that training resumes
     from its weights in a fresh checkout: VAE, transformer and text weights (as both model and EMA), no optimizer
-    state. ``step`` is where the learning-rate schedule picks up."""
-    from workbench.loading import load_pipeline
+    state. ``step`` is where the learning-rate schedule picks up (default: the folder's ``training_step``, else 0);
+    returns it."""
+    from workbench.loading import load_pipeline, read_json
 
+    if step is None:
+        step = int(read_json(folder / "model_index.json").get("workbench", {}).get("training_step", 0))
     pipe = load_pipeline(folder)
     run.mkdir(parents=True, exist_ok=True)
     vae_state = {f"model.{k}": v.float() for k, v in pipe.vae.state_dict().items()}
@@ -496,3 +499,4 @@ def seed_run_from_model(folder: Path, run: Path, step: int) -> None:
     tensors = {f"model.{k}": v for k, v in state.items()}
     tensors.update({f"ema.{k}": v for k, v in state.items() if v.is_floating_point()})
     _save_checkpoint(run, "transformer", tensors, {"step": step, "seeded_from": str(folder)})
+    return step
