@@ -321,7 +321,8 @@ def test_packed_linear_unpacks_when_moved():
 
 
 def test_int8_backend_choice():
-    assert memory.resolve_int8_backend("auto", "cpu", torch.float32) == "dynamic"
+    assert memory.resolve_int8_backend("auto", "cpu", torch.float32) == "weight_only"
+    assert memory.resolve_int8_backend("dynamic", "cpu", torch.float32) == "dynamic"
     assert memory.resolve_int8_backend("auto", "cpu", torch.bfloat16) == "weight_only"
     assert memory.resolve_int8_backend("auto", "cuda", torch.float16) == "bitsandbytes"
     with pytest.raises(ValueError, match="int8_backend='dynamic' runs on the CPU in float32 only"):

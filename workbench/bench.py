@@ -54,7 +54,7 @@ PRECISIONS = {
     "fp32": {"dtype": "float32", "quantization": None},
     "bf16": {"dtype": "bfloat16", "quantization": None},
     "int8": {"dtype": "bfloat16", "quantization": "int8"},
-    "int8 (fp32 compute)": {"dtype": "float32", "quantization": "int8"},
+    "int8 (fp32 compute)": {"dtype": "float32", "quantization": "int8", "int8_backend": "dynamic"},
     "int8 bitsandbytes": {"dtype": "bfloat16", "quantization": "int8", "int8_backend": "bitsandbytes"},
     "nf4": {"dtype": "bfloat16", "quantization": "nf4"},
     "fp4": {"dtype": "bfloat16", "quantization": "fp4"},

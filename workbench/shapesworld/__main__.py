@@ -72,7 +72,12 @@ def _eval(args: argparse.Namespace) -> int:
     from workbench import load_pipeline
     from workbench.shapesworld.evaluate import evaluate, format_table
 
-    pipe = load_pipeline(args.model, quantization=args.quantization, quantize_modulation=not args.keep_modulation)
+    pipe = load_pipeline(
+        args.model,
+        quantization=args.quantization,
+        quantize_modulation=not args.keep_modulation,
+        int8_backend=args.int8_backend,
+    )
     settings = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance, shift=args.shift, sampler=args.sampler
     )
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shift", type=float, default=None)
     ev.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
     ev.add_argument("--quantization", default=None, choices=["int8", "nf4", "fp4"])
+    ev.add_argument("--int8-backend", default="auto", choices=["auto", "dynamic", "weight_only", "bitsandbytes"])
     ev.add_argument(
         "--keep-modulation", action="store_true", help="with --quantization: keep the adaLN linears unquantized"
     )
