@@ -89,7 +89,7 @@ class RoutingRecord:
         every token goes to the ``top_k`` experts of highest gate, counted over steps, images and tokens."""
         gates = self.stacked()
         chosen = gates.topk(top_k, dim=-1).indices
-        counts = torch.nn.functional.one_hot(chosen, gates.shape[-1]).sum(dim=-2).float()
+        counts = F.one_hot(chosen, gates.shape[-1]).sum(dim=-2).float()
         return counts.mean(dim=(0, 2, 3)) / top_k
 
 

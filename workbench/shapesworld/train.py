@@ -432,13 +432,12 @@ def train_transformer(
         bar.update(1)
         if config.time_budget is not None and step - start in (30, 200):
             # At 30 steps with the start-up counted in (short), at 200 at the steady speed since step 30.
-            elapsed = time.perf_counter() - clock
+            now = time.perf_counter()
             if step - start == 30:
-                clock_30 = time.perf_counter()
-                config.steps = _fit_steps_to_budget(config, start, step, elapsed)
+                clock_30 = now
+                config.steps = _fit_steps_to_budget(config, start, step, now - clock)
             else:
-                steady = (time.perf_counter() - clock_30) / 170
-                config.steps = step + max(1, int((config.time_budget - elapsed) / steady))
+                config.steps = _fit_steps_to_budget(config, start, step, now - clock, (now - clock_30) / 170)
             bar.total = config.steps
         if step % config.checkpoint_every == 0 or step == config.steps:
             per_bin = [s / c if c else None for s, c in zip(bins["sum"], bins["count"])]
@@ -460,10 +459,12 @@ def train_transformer(
     return pipe
 
 
-def _fit_steps_to_budget(config: TrainConfig, start: int, step: int, elapsed: float) -> int:
-    """The last step that the remaining ``config.time_budget`` reaches at the speed measured so far (the first
-    steps, which include start-up, are counted in, so the estimate errs on the short side)."""
-    per_step = elapsed / max(1, step - start)
+def _fit_steps_to_budget(
+    config: TrainConfig, start: int, step: int, elapsed: float, per_step: float | None = None
+) -> int:
+    """The last step that the remaining ``config.time_budget`` reaches at ``per_step`` seconds a step (default: the
+    mean since ``start``, start-up included, so the estimate errs on the short side)."""
+    per_step = elapsed / max(1, step - start) if per_step is None else per_step
     return step + max(1, int((config.time_budget - elapsed) / per_step))
 
 
