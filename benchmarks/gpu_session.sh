@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# One short GPU session, in two parts that fail independently:
+# One short GPU session, in parts that fail independently:
 #   1. benchmarks/gpu.sh (at most BENCH_SECONDS), its tables written to OUT_DIR/gpu_bench.md;
 #   2. the embedded model's transformer training resumed from models/shapesworld-moe on the GPU for the time left
 #      of TOTAL_SECONDS, then exported; OUT_DIR receives the training log and the exported folder as a tar.gz cut
-#      into pieces of at most 15 MiB (rejoin with `cat OUT_DIR/model.tgz.* | tar xz`).
+#      into pieces of at most 15 MiB (rejoin with `cat OUT_DIR/model.tgz.* | tar xz`);
+#   3. with EVAL_N > 0: the exported model's evaluation table on EVAL_N captions in full precision, nf4 and int8
+#      (OUT_DIR/eval_{fp32,nf4,int8}.txt; these run after TOTAL_SECONDS, at most EVAL_SECONDS each).
 # usage: benchmarks/gpu_session.sh OUT_DIR [TOTAL_SECONDS=520] [BENCH_SECONDS=200 (0: no benchmark)]
-# env: INIT_FROM (model folder to resume from), INIT_STEP, BATCH_SIZE, LR
+# env: DEVICE (cuda), INIT_FROM (model folder to resume from), INIT_STEP, BATCH_SIZE, LR, DATA_WORKERS, EVAL_N (0), EVAL_SECONDS,
+#   STEPS / GUIDANCE / SHIFT (sampling defaults written into the exported folder: 24 / 6 / 1)
 # Needs a Python with CUDA torch, transformers, safetensors, tokenizers, tqdm; diffusers and bitsandbytes for the
 # benchmark's comparison rows (PYTHONPATH may point at them).
 set -uo pipefail
@@ -28,14 +31,23 @@ echo "== training for ${budget} s of steps (after $((SECONDS - begin)) s)"
 run=/tmp/shapesworld-gpu
 rm -rf "$run" /tmp/shapesworld-export
 timeout --signal=INT $((budget + 60)) "$python" -m workbench.shapesworld train --stage transformer \
-  --init-from "${INIT_FROM:-models/shapesworld-moe}" ${INIT_STEP:+--init-step "$INIT_STEP"} --run "$run" --device cuda --data-workers 12 \
+  --init-from "${INIT_FROM:-models/shapesworld-moe}" ${INIT_STEP:+--init-step "$INIT_STEP"} --run "$run" --device "${DEVICE:-cuda}" --data-workers "${DATA_WORKERS:-12}" \
   --batch-size "${BATCH_SIZE:-256}" --lr "${LR:-5e-4}" --steps 1000000 --time-budget "$budget" \
   --checkpoint-every 2000 > "$out/train.log" 2>&1
 echo "training exit $?"
 tr '\r' '\n' < "$out/train.log" | grep -v '^$' | tail -n 4
 cp "$run/transformer.json" "$out/" 2>/dev/null
 gzip -c "$run/transformer_log.jsonl" > "$out/transformer_log.jsonl.gz" 2>/dev/null
-"$python" -m workbench.shapesworld export --run "$run" --out /tmp/shapesworld-export &&
+"$python" -m workbench.shapesworld export --run "$run" --out /tmp/shapesworld-export \
+  --steps "${STEPS:-24}" --guidance "${GUIDANCE:-6}" --shift "${SHIFT:-1}" &&
   tar czf - -C /tmp shapesworld-export | split -b 15m - "$out/model.tgz."
+for variant in fp32 nf4 int8; do
+  [ "${EVAL_N:-0}" -gt 0 ] && [ -d /tmp/shapesworld-export ] || break
+  echo "== eval $variant on ${EVAL_N} captions (after $((SECONDS - begin)) s)"
+  quantization=(); [ "$variant" = fp32 ] || quantization=(--quantization "$variant")
+  timeout "${EVAL_SECONDS:-90}" "$python" -m workbench.shapesworld eval --model /tmp/shapesworld-export \
+    --n "$EVAL_N" --device "${DEVICE:-cuda}" --batch-size 250 "${quantization[@]}" > "$out/eval_$variant.txt" 2>&1
+  echo "eval exit $?"; grep -E '^\| 128|captions' "$out/eval_$variant.txt"
+done
 ls -la "$out"
 echo "== done in $((SECONDS - begin)) s"

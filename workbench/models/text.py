@@ -331,20 +331,29 @@ class TextConditioner(nn.Module):
         return torch.zeros(shape, device=self.device, dtype=self.dtype)
 
     def _tokenize(self, name: str, prompts: list[str], max_length: int, add_special_tokens: bool) -> Tensor:
+        """Token ids (B, max_length), padded to ``max_length`` on the tokenizer's padding side; a prompt longer than
+        that is truncated the tokenizer's way (special tokens kept), with a warning."""
         tokenizer = getattr(self, f"{name}_tokenizer")
-        ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            add_special_tokens=add_special_tokens,
-            return_tensors="pt",
-        ).input_ids
-        full = tokenizer(prompts, add_special_tokens=add_special_tokens).input_ids
-        for prompt, row in zip(prompts, full):
-            if len(row) > max_length:
-                logger.warning("%s keeps %d tokens; the prompt %r was truncated", SLOTS[name].title, max_length, prompt)
-        return ids
+        rows = tokenizer(prompts, add_special_tokens=add_special_tokens).input_ids
+        too_long = [prompt for prompt, row in zip(prompts, rows) if len(row) > max_length]
+        for prompt in too_long:
+            logger.warning("%s keeps %d tokens; the prompt %r was truncated", SLOTS[name].title, max_length, prompt)
+        pad = tokenizer.pad_token_id
+        if too_long or pad is None:
+            return tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=max_length,
+                truncation=True,
+                add_special_tokens=add_special_tokens,
+                return_tensors="pt",
+            ).input_ids
+        # One tokenizer call padded here: the wrapper's padding and tensor conversion cost more than the tokenizing.
+        left = tokenizer.padding_side == "left"
+        return torch.tensor(
+            [[pad] * (max_length - len(row)) + row if left else row + [pad] * (max_length - len(row)) for row in rows],
+            dtype=torch.long,
+        )
 
     @classmethod
     def from_folder(

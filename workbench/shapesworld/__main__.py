@@ -74,6 +74,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(
         args.model,
+        device=args.device,
         quantization=args.quantization,
         quantize_modulation=not args.keep_modulation,
         int8_backend=args.int8_backend,
@@ -93,7 +94,9 @@ def _eval(args: argparse.Namespace) -> int:
         return out.images
 
     start = time.perf_counter()
-    results = evaluate(generate, n=args.n, seed=args.seed, kind=args.kind, height=args.size, width=args.size)
+    results = evaluate(
+        generate, n=args.n, seed=args.seed, kind=args.kind, height=args.size, width=args.size, batch_size=args.batch_size
+    )
     seconds = time.perf_counter() - start
     print(format_table(results))
     if shares:
@@ -158,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--kind", choices=["one", "two", "both"], default="both")
     ev.add_argument("--size", type=int, default=128)
+    ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ev.add_argument("--batch-size", type=int, default=8, help="images generated per call (each has its own seed)")
     ev.add_argument("--steps", type=int, default=None)
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--shift", type=float, default=None)

@@ -23,10 +23,11 @@ from tqdm import tqdm
 from workbench.models.vae import AutoencoderKL
 from workbench.pipeline import Pipeline
 from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
-from workbench.shapesworld.world import make_batch
+from workbench.shapesworld.world import make_batch, uint8_to_unit
 
 SIZES = ((128, 128), (128, 128), (128, 128), (96, 96), (160, 160), (96, 128), (128, 96), (160, 128), (128, 160))
 TIME_BINS = 10
+LOG_EVERY = 20  # steps between reading the logged numbers back from the device (each read waits for it)
 
 
 @dataclass
@@ -139,8 +140,9 @@ def _setup(config: TrainConfig) -> bool:
 
 
 def _batch(step: int, config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+    """The images (B, 3, H, W) as uint8 pixels (a quarter of the bytes to pass between processes) and captions."""
     height, width = SIZES[random.Random(config.seed * 1_000_003 + step).randrange(len(SIZES))]
-    return make_batch(config.seed * 1_000_003 + step, config.batch_size, height, width, caption_style="any")
+    return make_batch(config.seed * 1_000_003 + step, config.batch_size, height, width, caption_style="any", uint8=True)
 
 
 class _StepBatches(torch.utils.data.IterableDataset):
@@ -400,12 +402,32 @@ def train_transformer(
     bar = tqdm(initial=start, total=config.steps, desc="mmdit", disable=not progress)
     log = (run / "transformer_log.jsonl").open("a")
     batches = step_batches(start, config)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     running, clock, step = None, time.perf_counter(), start
+
+    def flush() -> None:
+        """Write the pending steps' numbers (one wait for the device instead of one per step)."""
+        nonlocal running
+        if not pending:
+            return
+        per_sample, times, aux, grads = (torch.stack(column).float().cpu() for column in list(zip(*pending))[1:])
+        for (index, *_), losses, t_values, aux_value, grad in zip(pending, per_sample, times, aux, grads):
+            for value, time_value in zip(losses.tolist(), t_values.tolist()):
+                time_bin = min(TIME_BINS - 1, int(time_value * TIME_BINS))
+                bins["sum"][time_bin] += value
+                bins["count"][time_bin] += 1
+            mean_loss = losses.mean().item()
+            running = mean_loss if running is None else 0.98 * running + 0.02 * mean_loss
+            log.write(json.dumps({"step": index, "loss": mean_loss, "aux": aux_value.item(), "grad": grad.item()}))
+            log.write("\n")
+        bar.set_postfix(loss=f"{running:.4f}", aux=f"{aux[-1].item():.3f}")
+        pending.clear()
+
     while step < config.steps:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config, warm_from)
-        images, captions = next(batches)
-        images = images.to(device, non_blocking=True)
+        pixels, captions = next(batches)
+        images = uint8_to_unit(pixels.to(device, non_blocking=True))
         with torch.no_grad(), _autocast(bf16, device.type):
             latents = vae.scale_latents(vae.encode(images).sample(generator).float())
         with _autocast(bf16, device.type):
@@ -418,20 +440,14 @@ def train_transformer(
         grad_norm = torch.nn.utils.clip_grad_norm_(modules.parameters(), config.grad_clip)
         optimizer.step()
         ema.update(modules, step)
-        losses, times = per_sample.detach().float().cpu().tolist(), t.float().cpu().tolist()
-        for value, time_value in zip(losses, times):
-            index = min(TIME_BINS - 1, int(time_value * TIME_BINS))
-            bins["sum"][index] += value
-            bins["count"][index] += 1
-        mean_loss = sum(losses) / len(losses)
-        running = mean_loss if running is None else 0.98 * running + 0.02 * mean_loss
-        bar.set_postfix(loss=f"{running:.4f}", aux=f"{aux.item():.3f}")
-        record = {"step": step, "loss": mean_loss, "aux": aux.item(), "grad": float(grad_norm)}
-        log.write(json.dumps(record) + "\n")
+        pending.append((step, per_sample.detach(), t.detach(), aux.detach(), grad_norm.detach()))
         step += 1
         bar.update(1)
+        if len(pending) >= LOG_EVERY:
+            flush()
         if config.time_budget is not None and step - start in (30, 200):
             # At 30 steps with the start-up counted in (short), at 200 at the steady speed since step 30.
+            flush()
             now = time.perf_counter()
             if step - start == 30:
                 clock_30 = now
@@ -440,6 +456,7 @@ def train_transformer(
                 config.steps = _fit_steps_to_budget(config, start, step, now - clock, (now - clock_30) / 170)
             bar.total = config.steps
         if step % config.checkpoint_every == 0 or step == config.steps:
+            flush()
             per_bin = [s / c if c else None for s, c in zip(bins["sum"], bins["count"])]
             log.write(json.dumps({"step": step, "loss_per_time_bin": per_bin}) + "\n")
             bins = {"sum": [0.0] * TIME_BINS, "count": [0] * TIME_BINS}
@@ -448,6 +465,7 @@ def train_transformer(
             tensors.update(_optimizer_tensors(optimizer, names))
             _save_checkpoint(run, "transformer", tensors, {"step": step, "config": asdict(config)})
             log.flush()
+    flush()
     bar.close()
     log.close()
     ema.copy_to(modules)

@@ -478,16 +478,28 @@ def render(scene: Scene, supersample: int = SUPERSAMPLE) -> Image.Image:
     return image.reduce(scale) if scale > 1 else image
 
 
-def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """Stack same-size RGB images into a float tensor (B, 3, H, W) in [-1, 1]."""
+def images_to_tensor(images: list[Image.Image], uint8: bool = False) -> torch.Tensor:
+    """Stack same-size RGB images into a tensor (B, 3, H, W): float in [-1, 1], or the raw uint8 pixels."""
     array = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    pixels = torch.from_numpy(array).permute(0, 3, 1, 2)
+    return pixels.contiguous() if uint8 else uint8_to_unit(pixels)
+
+
+def uint8_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape) → float in [-1, 1], on the pixels' device."""
+    return pixels.float().div_(127.5).sub_(1.0)
 
 
 def make_batch(
-    seed: int, batch_size: int, height: int = 128, width: int = 128, caption_style: str = "any"
+    seed: int,
+    batch_size: int,
+    height: int = 128,
+    width: int = 128,
+    caption_style: str = "any",
+    uint8: bool = False,
 ) -> tuple[torch.Tensor, list[str]]:
-    """``batch_size`` random scenes, deterministic by seed: (images (B, 3, H, W) float in [-1, 1], captions)."""
+    """``batch_size`` random scenes, deterministic by seed: (images (B, 3, H, W) float in [-1, 1] — or uint8 pixels
+    with ``uint8`` —, captions)."""
     rng = random.Random(seed)
     scenes = [sample_scene(rng, height, width, caption_style=caption_style) for _ in range(batch_size)]
-    return images_to_tensor([render(scene) for scene in scenes]), [scene.caption for scene in scenes]
+    return images_to_tensor([render(scene) for scene in scenes], uint8), [scene.caption for scene in scenes]
