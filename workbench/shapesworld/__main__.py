@@ -95,7 +95,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     results = evaluate(
-        generate, n=args.n, seed=args.seed, kind=args.kind, height=args.size, width=args.size, batch_size=args.batch_size
+        generate,
+        n=args.n,
+        seed=args.seed,
+        kind=args.kind,
+        height=args.size,
+        width=args.size,
+        batch_size=args.batch_size,
     )
     seconds = time.perf_counter() - start
     print(format_table(results))
