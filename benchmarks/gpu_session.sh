@@ -7,7 +7,7 @@
 #   3. with EVAL_N > 0: the exported model's evaluation table on EVAL_N captions in full precision, nf4 and int8
 #      (OUT_DIR/eval_{fp32,nf4,int8}.txt; these run after TOTAL_SECONDS, at most EVAL_SECONDS each).
 # usage: benchmarks/gpu_session.sh OUT_DIR [TOTAL_SECONDS=520] [BENCH_SECONDS=200 (0: no benchmark)]
-# env: DEVICE (cuda), INIT_FROM (model folder to resume from), INIT_STEP, BATCH_SIZE, LR, DATA_WORKERS, EVAL_N (0), EVAL_SECONDS,
+# env: DEVICE (cuda), INIT_FROM (model folder to resume from), INIT_STEP, BATCH_SIZE, LR, DATA_WORKERS, EVAL_N (0), EVAL_SECONDS, EVAL_VARIANTS,
 #   STEPS / GUIDANCE / SHIFT (sampling defaults written into the exported folder: 24 / 6 / 1)
 # Needs a Python with CUDA torch, transformers, safetensors, tokenizers, tqdm; diffusers and bitsandbytes for the
 # benchmark's comparison rows (PYTHONPATH may point at them).
@@ -41,7 +41,7 @@ gzip -c "$run/transformer_log.jsonl" > "$out/transformer_log.jsonl.gz" 2>/dev/nu
 "$python" -m workbench.shapesworld export --run "$run" --out /tmp/shapesworld-export \
   --steps "${STEPS:-24}" --guidance "${GUIDANCE:-6}" --shift "${SHIFT:-1}" &&
   tar czf - -C /tmp shapesworld-export | split -b 15m - "$out/model.tgz."
-for variant in fp32 nf4 int8; do
+for variant in ${EVAL_VARIANTS:-fp32 nf4 int8}; do
   [ "${EVAL_N:-0}" -gt 0 ] && [ -d /tmp/shapesworld-export ] || break
   echo "== eval $variant on ${EVAL_N} captions (after $((SECONDS - begin)) s)"
   quantization=(); [ "$variant" = fp32 ] || quantization=(--quantization "$variant")

@@ -40,6 +40,10 @@ def test_micro_training_learns_resumes_and_exports(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     aux = _losses(run / "transformer_log.jsonl", "aux")
     assert all(a >= 0.99 for a in aux), "Switch loss E·Σ f·P is at least 1"
+    lines = [json.loads(line) for line in (run / "transformer_log.jsonl").read_text().splitlines()]
+    timing = [row for row in lines if "data_wait" in row]
+    assert sum(row["steps"] for row in timing) == 30, "every step is timed once"
+    assert all(0 <= row["data_wait"] <= row["seconds"] for row in timing)
 
     folder = export_run(run, tmp_path / "model", spec, num_inference_steps=3)
     pipe = load_pipeline(folder)

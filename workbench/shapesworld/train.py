@@ -404,9 +404,11 @@ def train_transformer(
     batches = step_batches(start, config)
     pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     running, clock, step = None, time.perf_counter(), start
+    timing = {"since": clock, "data_wait": 0.0}
 
     def flush() -> None:
-        """Write the pending steps' numbers (one wait for the device instead of one per step)."""
+        """Write the pending steps' numbers (one wait for the device instead of one per step), then the seconds
+        those steps took and how many of them went to waiting for rendered batches."""
         nonlocal running
         if not pending:
             return
@@ -421,12 +423,21 @@ def train_transformer(
             log.write(json.dumps({"step": index, "loss": mean_loss, "aux": aux_value.item(), "grad": grad.item()}))
             log.write("\n")
         bar.set_postfix(loss=f"{running:.4f}", aux=f"{aux[-1].item():.3f}")
+        now = time.perf_counter()
+        seconds, data_wait = now - timing["since"], timing["data_wait"]
+        log.write(
+            json.dumps({"step": pending[-1][0], "steps": len(pending), "seconds": seconds, "data_wait": data_wait})
+        )
+        log.write("\n")
+        timing.update(since=now, data_wait=0.0)
         pending.clear()
 
     while step < config.steps:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config, warm_from)
+        waiting = time.perf_counter()
         pixels, captions = next(batches)
+        timing["data_wait"] += time.perf_counter() - waiting
         images = uint8_to_unit(pixels.to(device, non_blocking=True))
         with torch.no_grad(), _autocast(bf16, device.type):
             latents = vae.scale_latents(vae.encode(images).sample(generator).float())
