@@ -259,6 +259,20 @@ def test_evaluator_scores_the_dataset_renders(size):
         assert min(accuracy.values()) >= 0.99, ev.format_table(results)
 
 
+def test_the_shipped_vae_keeps_what_the_evaluator_reads():
+    """The latent space is no ceiling: renders passed through the embedded model's VAE still score ≥ 99 %."""
+    from workbench import load_pipeline
+
+    vae = load_pipeline().vae
+    caption = ["a large red circle at the top left on a white background"]
+    render = np.asarray(ev.render_generate_fn()(caption, [0])[0], dtype=np.float32)
+    round_trip = np.asarray(ev.through_vae(ev.render_generate_fn(), vae)(caption, [0])[0], dtype=np.float32)
+    assert 0 < np.abs(render - round_trip).mean() < 8, "the images went through the VAE, which keeps them close"
+    results = ev.evaluate_renders(n=60, seed=5, sizes=[128], vae=vae)["128x128"]
+    for kind in ("one", "two"):
+        assert min(results["accuracy"][kind].values()) >= 0.99, ev.format_table(results)
+
+
 def test_evaluator_flags_wrong_images():
     rng = random.Random(0)
     caption = "a large red circle at the top left on a white background"

@@ -33,8 +33,14 @@ def run_render(args: argparse.Namespace) -> int:
 
 
 def run_eval_renders(args: argparse.Namespace) -> int:
-    """Print the evaluator's accuracy on the dataset's own renders; exit code 1 if any attribute is below 99%."""
-    results = evaluate_renders(args.n, args.seed, sizes=args.sizes)
+    """Print the evaluator's accuracy on the dataset's own renders (with ``--through-vae``: after a round trip through
+    a model's VAE); exit code 1 if any attribute is below 99%."""
+    vae = None
+    if args.through_vae is not None:
+        from workbench import load_pipeline
+
+        vae = load_pipeline(args.through_vae or None).vae
+    results = evaluate_renders(args.n, args.seed, sizes=args.sizes, vae=vae)
     print(format_table(results))
     worst = min(acc for result in results.values() for group in result["accuracy"].values() for acc in group.values())
     return 0 if worst >= 0.99 else 1
@@ -65,5 +71,13 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     check_parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     check_parser.add_argument(
         "--sizes", type=int, nargs="+", default=list(CANVAS_SIZES), help="square canvas sides (default 96 128 160)"
+    )
+    check_parser.add_argument(
+        "--through-vae",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="MODEL",
+        help="score the renders after encode → decode through MODEL's VAE (default: the embedded model)",
     )
     check_parser.set_defaults(run=run_eval_renders)

@@ -25,6 +25,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter
 
 from workbench.shapesworld.world import (
@@ -36,6 +37,7 @@ from workbench.shapesworld.world import (
     SHAPES,
     Scene,
     ShapeSpec,
+    images_to_tensor,
     parse_caption,
     random_canonical_captions,
     render,
@@ -489,17 +491,35 @@ def render_generate_fn(height: int = 128, width: int = 128) -> GenerateFn:
     return generate
 
 
+def through_vae(generate_fn: GenerateFn, vae: torch.nn.Module) -> GenerateFn:
+    """``generate_fn`` whose images pass through ``vae`` (encode → posterior mode → decode): what the latent space
+    keeps of them, the ceiling of any model that generates in it."""
+
+    def generate(captions: list[str], seeds: list[int]) -> list[Image.Image]:
+        images = images_to_tensor(generate_fn(captions, seeds)).to(vae.device, vae.dtype)
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(images).mode()).float().cpu()
+        pixels = decoded.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(array) for array in pixels]
+
+    return generate
+
+
 def evaluate_renders(
     n: int = 200,
     seed: int = 0,
     sizes: Sequence[int | tuple[int, int]] = CANVAS_SIZES,
     kind: str = "both",
+    vae: torch.nn.Module | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Self-check: evaluate the dataset's own renders on each canvas size ("HxW" -> ``evaluate`` results)."""
+    """Self-check: evaluate the dataset's own renders on each canvas size ("HxW" -> ``evaluate`` results); with
+    ``vae``, the renders after a round trip through it (see :func:`through_vae`)."""
     results = {}
     for size in sizes:
         height, width = (size, size) if isinstance(size, int) else size
-        results[f"{height}x{width}"] = evaluate(render_generate_fn(height, width), n, seed, kind, height, width)
+        generate = render_generate_fn(height, width)
+        generate = generate if vae is None else through_vae(generate, vae)
+        results[f"{height}x{width}"] = evaluate(generate, n, seed, kind, height, width)
     return results
 
 
