@@ -612,6 +612,9 @@ def section_shapesworld(n: int, precisions: tuple[str, ...], steps: int | None, 
             return out
 
         cpu, wall = timed(lambda pipe=pipe, call=call, prompt=defaults.prompt: pipe(prompt, seed=0, **call))
+        if n == 0:  # timing only
+            rows.append([name, _fmt(cpu), _fmt(wall)] + ["–"] * 6)
+            continue
         result = evaluate(generate, n=n, seed=0, height=defaults.height, width=defaults.width)
         judgements = _judgements(result)
         if reference is None:
@@ -670,7 +673,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=None, help="image side for section 1 (default 512)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 3)")
     parser.add_argument("--sections", default="1,2,3", help="comma-separated sections to run (1, 2, 3)")
-    parser.add_argument("--eval-n", type=int, default=None, help="ShapesWorld captions per precision (default 32)")
+    parser.add_argument(
+        "--eval-n", type=int, default=None, help="ShapesWorld captions per precision (default 32; 0: timing only)"
+    )
     parser.add_argument("--timeout-2b", type=float, default=1800.0, help="seconds allowed for the 2B nf4 step")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
@@ -686,6 +691,8 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats or (1 if quick else 3)
     sections = {s.strip() for s in args.sections.split(",")}
     eval_n = args.eval_n if args.eval_n is not None else (4 if quick else 32)
+    if eval_n < 0:
+        raise ValueError(f"--eval-n must be ≥ 0 (0: timing only), got {eval_n}")
     started = time.perf_counter()
     print(f"# Workbench memory and speed benchmark\n\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     with tempfile.TemporaryDirectory(prefix="wb-bench-") as tmp:
