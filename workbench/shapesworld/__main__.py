@@ -25,12 +25,16 @@ def _train(args: argparse.Namespace) -> int:
         train_vae,
     )
 
-    spec = ShapesWorldSpec.micro() if args.micro else ShapesWorldSpec()
     run = Path(args.run)
+    spec = ShapesWorldSpec.micro() if args.micro else ShapesWorldSpec()
     if args.init_from and not (run / "transformer.safetensors").is_file():
         from workbench.shapesworld.train import seed_run_from_model
 
-        seed_run_from_model(Path(args.init_from), run, args.init_step)
+        seed_run_from_model(Path(args.init_from), run, args.init_step, spec, args.grow_depth)
+    elif args.grow_depth is not None:
+        raise ValueError(f"--grow-depth {args.grow_depth} needs --init-from and a run folder without checkpoints")
+    spec = ShapesWorldSpec.for_run(run, spec)
+    spec.save(run)
     common = dict(seed=args.seed, threads=args.threads, checkpoint_every=args.checkpoint_every, device=args.device)
     if args.stage in ("vae", "all"):
         vae_config = TrainConfig(steps=args.vae_steps, batch_size=16, lr=1e-3, warmup=50, **common)
@@ -152,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="schedule step the seeded run resumes at (default: the model's training_step)",
+    )
+    train.add_argument(
+        "--grow-depth",
+        type=int,
+        default=None,
+        help="with --init-from: deepen the transformer to this many blocks first (new blocks start as identity)",
     )
     train.set_defaults(run_command=_train)
     export = commands.add_parser("export", help="write the run's EMA weights as the model folder")

@@ -30,10 +30,11 @@ def fit_preview(pipe: Pipeline, batches: int = 4) -> None:
 
 
 def export_run(run: Path, out: Path = EMBEDDED_MODEL, spec: ShapesWorldSpec | None = None, **defaults: object) -> Path:
-    """Write the EMA weights of ``run`` as a model folder at ``out`` (replacing it); ``defaults`` override the
-    generation defaults (steps, guidance, shift …) recorded in ``model_index.json``, beside the transformer's
-    training step (``training_step``, where ``train --init-from`` resumes the schedule)."""
-    spec = spec or ShapesWorldSpec()
+    """Write the EMA weights of ``run`` (at the sizes of ``spec``, default: those the run records) as a model folder
+    at ``out`` (replacing it); ``defaults`` override the generation defaults (steps, guidance, shift …) recorded in
+    ``model_index.json``, beside the transformer's training step (``training_step``, where ``train --init-from``
+    resumes the schedule)."""
+    spec = spec or ShapesWorldSpec.for_run(run)
     pipe = load_ema_pipeline(run, spec, TrainConfig())
     for key, value in defaults.items():
         if value is not None:

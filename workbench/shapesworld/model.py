@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
@@ -23,6 +25,7 @@ from workbench.shapesworld.tokenizer import build_word_tokenizers, tiny_clip_con
 from workbench.shapesworld.world import vocabulary
 
 MODEL_NAME = "shapesworld-moe"
+SPEC_FILE = "spec.json"  # in a run folder: the sizes its checkpoints were trained at
 DEFAULT_PROMPT = "a large red circle at the top left on a white background"
 
 
@@ -75,6 +78,24 @@ class ShapesWorldSpec:
             num_experts=4,
             top_k=2,
         )
+
+    def save(self, run: Path) -> None:
+        """Record this spec in the run folder (train and export read it back with :meth:`for_run`)."""
+        run.mkdir(parents=True, exist_ok=True)
+        (run / SPEC_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def for_run(cls, run: Path, default: ShapesWorldSpec | None = None) -> ShapesWorldSpec:
+        """The spec recorded in ``run`` (see :meth:`save`), else ``default`` (else the standard sizes)."""
+        path = run / SPEC_FILE
+        if not path.is_file():
+            return default if default is not None else cls()
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown fields {unknown}; expected some of {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
     def vae_config(self) -> VAEConfig:
         return VAEConfig.from_dict(

@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -511,17 +511,30 @@ def load_ema_pipeline(run: Path, spec: ShapesWorldSpec, config: TrainConfig) -> 
     return pipe
 
 
-def seed_run_from_model(folder: Path, run: Path, step: int | None = None) -> int:
+def seed_run_from_model(
+    folder: Path,
+    run: Path,
+    step: int | None = None,
+    spec: ShapesWorldSpec | None = None,
+    depth: int | None = None,
+) -> int:
     """Start a run folder from an exported model (the committed ``models/shapesworld-moe``) so that training resumes
     from its weights in a fresh checkout: VAE, transformer and text weights (as both model and EMA), no optimizer
-    state. ``step`` is where the learning-rate schedule picks up (default: the folder's ``training_step``, else 0);
-    returns it."""
+    state, and the spec (``spec``'s sizes, with the folder's depth and MoE blocks) in ``run/spec.json``. With
+    ``depth`` the transformer is first deepened to that many blocks, computing the same function
+    (:func:`workbench.shapesworld.grow.deepen`). ``step`` is where the learning-rate schedule picks up (default:
+    the folder's ``training_step``, else 0); returns it."""
     from workbench.loading import load_pipeline, read_json
+    from workbench.shapesworld.grow import deepen
 
     if step is None:
         step = int(read_json(folder / "model_index.json").get("workbench", {}).get("training_step", 0))
     pipe = load_pipeline(folder)
-    run.mkdir(parents=True, exist_ok=True)
+    config = pipe.transformer.config
+    spec = replace(spec or ShapesWorldSpec(), depth=config.num_layers, moe_layers=tuple(config.moe_layers))
+    if depth is not None and depth != spec.depth:
+        spec, pipe.transformer = deepen(spec, pipe.transformer, depth)
+    spec.save(run)
     vae_state = {f"model.{k}": v.float() for k, v in pipe.vae.state_dict().items()}
     _save_checkpoint(run, "vae", vae_state, {"step": step, "seeded_from": str(folder)})
     modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "text": pipe.text_encoders})
