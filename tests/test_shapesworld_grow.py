@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from workbench import load_pipeline
+from workbench.loading import save_pipeline
+from workbench.shapesworld.export import export_run
 from workbench.shapesworld.grow import deepen, new_block_positions
 from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
 from workbench.shapesworld.train import seed_run_from_model
@@ -48,9 +50,6 @@ def test_deepened_transformer_computes_the_same_velocity():
 
 
 def test_seeding_a_run_with_grow_depth_records_the_spec_and_exports_the_deeper_model(tmp_path):
-    from workbench.loading import save_pipeline
-    from workbench.shapesworld.export import export_run
-
     spec = ShapesWorldSpec.micro()
     model = tmp_path / "model"
     pipe = build_pipeline(spec, seed=0)
