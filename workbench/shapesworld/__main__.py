@@ -106,6 +106,7 @@ def _eval(args: argparse.Namespace) -> int:
         height=args.size,
         width=args.size,
         batch_size=args.batch_size,
+        progress=True,
     )
     seconds = time.perf_counter() - start
     print(format_table(results))

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+from tqdm import tqdm
 
 from workbench.shapesworld.world import (
     CANVAS_SIZES,
@@ -447,26 +448,30 @@ def evaluate(
     height: int = 128,
     width: int = 128,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Score ``generate_fn`` on ``n`` random canonical captions drawn with ``seed``.
 
     ``generate_fn(captions, seeds) -> list of PIL images`` is called with up to ``batch_size`` captions at a time; the
-    seed of caption i is ``seed * 100_000 + i``. Returns {"n", "seed", "kind", "height", "width", "accuracy":
-    {"one"|"two": {attribute: fraction}}, "support": {"one"|"two": {attribute: count}}, "all": fraction of captions
-    fully correct, "records": [{"caption", "seed", "kind", "scores"}]}.
+    seed of caption i is ``seed * 100_000 + i``; ``progress`` shows a bar of the captions done. Returns {"n", "seed",
+    "kind", "height", "width", "accuracy": {"one"|"two": {attribute: fraction}}, "support": {"one"|"two": {attribute:
+    count}}, "all": fraction of captions fully correct, "records": [{"caption", "seed", "kind", "scores"}]}.
     """
     captions = random_canonical_captions(n, seed, kind)
     seeds = [seed * 100_000 + i for i in range(n)]
     records = []
+    bar = tqdm(total=n, desc="eval", unit="image", disable=not progress)
     for start in range(0, n, batch_size):
         chunk, chunk_seeds = captions[start : start + batch_size], seeds[start : start + batch_size]
         images = generate_fn(chunk, chunk_seeds)
+        bar.update(len(chunk))
         if len(images) != len(chunk):
             raise ValueError(f"generate_fn returned {len(images)} images for {len(chunk)} captions")
         for caption, image_seed, image in zip(chunk, chunk_seeds, images):
             scores = score(caption, image)
             group = "two" if "relation" in scores else "one"
             records.append({"caption": caption, "seed": image_seed, "kind": group, "scores": scores})
+    bar.close()
     accuracy, support = _accumulate(records)
     overall = sum(r["scores"]["all"] for r in records) / max(len(records), 1)
     return {
