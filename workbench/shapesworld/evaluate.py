@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
+from workbench.pipeline import tensor_to_images
 from workbench.shapesworld.world import (
     CANVAS_SIZES,
     LARGE_THRESHOLD,
@@ -503,9 +504,7 @@ def through_vae(generate_fn: GenerateFn, vae: torch.nn.Module) -> GenerateFn:
     def generate(captions: list[str], seeds: list[int]) -> list[Image.Image]:
         images = images_to_tensor(generate_fn(captions, seeds)).to(vae.device, vae.dtype)
         with torch.no_grad():
-            decoded = vae.decode(vae.encode(images).mode()).float().cpu()
-        pixels = decoded.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return [Image.fromarray(array) for array in pixels]
+            return tensor_to_images(vae.decode(vae.encode(images).mode()))
 
     return generate
 

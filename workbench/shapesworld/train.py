@@ -404,12 +404,12 @@ def train_transformer(
     batches = step_batches(start, config)
     pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     running, clock, step = None, time.perf_counter(), start
-    timing = {"since": clock, "data_wait": 0.0}
+    since, data_wait = clock, 0.0  # start of the pending steps, and their seconds spent waiting for batches
 
     def flush() -> None:
         """Write the pending steps' numbers (one wait for the device instead of one per step), then the seconds
         those steps took and how many of them went to waiting for rendered batches."""
-        nonlocal running
+        nonlocal running, since, data_wait
         if not pending:
             return
         per_sample, times, aux, grads = (torch.stack(column).float().cpu() for column in list(zip(*pending))[1:])
@@ -424,12 +424,11 @@ def train_transformer(
             log.write("\n")
         bar.set_postfix(loss=f"{running:.4f}", aux=f"{aux[-1].item():.3f}")
         now = time.perf_counter()
-        seconds, data_wait = now - timing["since"], timing["data_wait"]
         log.write(
-            json.dumps({"step": pending[-1][0], "steps": len(pending), "seconds": seconds, "data_wait": data_wait})
+            json.dumps({"step": pending[-1][0], "steps": len(pending), "seconds": now - since, "data_wait": data_wait})
         )
         log.write("\n")
-        timing.update(since=now, data_wait=0.0)
+        since, data_wait = now, 0.0
         pending.clear()
 
     while step < config.steps:
@@ -437,7 +436,7 @@ def train_transformer(
             group["lr"] = _lr_at(step, config, warm_from)
         waiting = time.perf_counter()
         pixels, captions = next(batches)
-        timing["data_wait"] += time.perf_counter() - waiting
+        data_wait += time.perf_counter() - waiting
         images = uint8_to_unit(pixels.to(device, non_blocking=True))
         with torch.no_grad(), _autocast(bf16, device.type):
             latents = vae.scale_latents(vae.encode(images).sample(generator).float())
