@@ -121,6 +121,12 @@ def test_png_settings_regenerate_the_same_image(served, client):
         shift=2.0,
         flow_temperature=0.9,
         dynamic_thresholding=0.99,
+        guidance_interval_low=0.1,
+        guidance_interval_high=0.9,
+        skip_layers="1,2",
+        skip_layer_scale=2.0,
+        skip_layer_start=0.0,
+        skip_layer_stop=0.5,
     )
     original = first_image(client.predict(prompt=PROMPT, api_name="/text2img", **settings))
     parsed = client.predict(handle_file(original), api_name="/png_info")
@@ -229,7 +235,7 @@ def test_unexpected_errors_become_messages():
 
 
 def test_generation_kwargs_map_widget_values():
-    kwargs = controls.generation_kwargs("neg", 7.0, 3.5, 144.0, 96.0, -1, 2.0, "dpmpp_2m", 2.0, 1.1, 0.0)
+    kwargs = controls.generation_kwargs("neg", 7.0, 3.5, 144.0, 96.0, -1, 2.0, "dpmpp_2m", 2.0, 1.1, 0.0, 0.2, 1.0, "")
     assert kwargs == {
         "negative_prompt": "neg",
         "num_inference_steps": 7,
@@ -242,9 +248,17 @@ def test_generation_kwargs_map_widget_values():
         "shift": 2.0,
         "flow_temperature": 1.1,
         "dynamic_thresholding_ratio": None,
+        "guidance_interval": (0.2, 1.0),
+        "skip_guidance_layers": None,
+        "skip_layer_guidance_scale": 2.8,
+        "skip_layer_guidance_start": 0.01,
+        "skip_layer_guidance_stop": 0.2,
     }
+    assert controls.generation_kwargs(skip_layers=" 7, 8,9")["skip_guidance_layers"] == [7, 8, 9]
     with pytest.raises(ValueError, match="steps must be a whole number"):
         controls.generation_kwargs(steps=2.5)
+    with pytest.raises(ValueError, match="skip_layers must be comma-separated block indices such as 7,8,9, got '7;8'"):
+        controls.generation_kwargs(skip_layers="7;8")
 
 
 def test_parameters_of_other_tools_fit_the_model(served):

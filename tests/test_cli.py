@@ -17,6 +17,12 @@ def test_generate_single_prompt(tiny_sd3_folder, tmp_path):
     assert image.size == (48, 32)
     params = read_parameters(out)
     assert params["prompt"] == "a red circle" and params["seed"] == 9 and params["steps"] == 2
+    guided = tmp_path / "guided.png"
+    extra = ["--guidance", "3", "--guidance-interval", "0.3", "1", "--skip-layers", "0", "--slg-stop", "0.6"]
+    assert main(args + ["--height", "32", "--width", "32", "--out", str(guided)] + extra) == 0
+    params = read_parameters(guided)
+    assert params["guidance_interval"] == [0.3, 1.0] and params["skip_guidance_layers"] == [0]
+    assert params["skip_layer_guidance_stop"] == 0.6
 
 
 def test_generate_prompts_file_uses_seed_plus_line(tiny_sd3_folder, tmp_path):
@@ -43,6 +49,9 @@ def test_bad_input_is_a_message_not_a_traceback(tiny_sd3_folder, tmp_path, capsy
     code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+    code = main(["generate", "--model", str(folder), "--prompt", "x", "--skip-layers", "7;8"])
+    assert code == 2
+    assert "--skip-layers must be comma-separated block indices such as 7,8,9, got '7;8'" in capsys.readouterr().err
 
 
 def test_convert_pickle_to_safetensors(tmp_path):

@@ -56,6 +56,21 @@ def test_transformer_equals_diffusers(config):
     assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
+@pytest.mark.parametrize("config", [SD3_LIKE, SD35_LIKE], ids=["sd3", "sd35"])
+def test_skip_layers_equal_diffusers(config):
+    reference = diffusers.SD3Transformer2DModel(**config).eval()
+    _randomize(reference)
+    ours = MMDiT(MMDiTConfig.from_dict(dict(reference.config))).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    latents, text, pooled, timestep = _inputs(config=config)
+    with torch.no_grad():
+        expected = reference(latents, text, pooled, timestep, skip_layers=[1]).sample
+        got = ours(latents, text, pooled, timestep, skip_layers=[1])
+        full = ours(latents, text, pooled, timestep)
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    assert (got - full).abs().max().item() > 1e-2 * full.abs().max().item()
+
+
 def test_position_table_equals_diffusers_buffer():
     reference = diffusers.SD3Transformer2DModel(**SD3_LIKE)
     ours = MMDiT(MMDiTConfig(**SD3_LIKE))

@@ -48,6 +48,36 @@ def test_image_to_image_equals_diffusers(pipes):
     assert np.abs(_pixels(got) - _pixels(expected)).max() <= 2
 
 
+def test_skip_layer_guidance_equals_diffusers(pipes):
+    ours, reference = pipes
+    kwargs = dict(height=32, width=32, num_inference_steps=5, guidance_scale=3.0, max_sequence_length=32)
+    slg = dict(skip_guidance_layers=[0], skip_layer_guidance_scale=2.0)
+    slg.update(skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.9)
+    expected = reference(PROMPT, generator=torch.Generator("cpu").manual_seed(4), **kwargs, **slg).images[0]
+    got = ours(PROMPT, seed=4, **kwargs, **slg).images[0]
+    plain = ours(PROMPT, seed=4, **kwargs).images[0]
+    assert np.abs(_pixels(got) - _pixels(expected)).max() <= 2
+    assert np.abs(_pixels(plain) - _pixels(expected)).max() > 10  # skip-layer guidance changed the image
+    params = parse_parameters(got.info["parameters"])
+    assert params["skip_guidance_layers"] == [0] and params["skip_layer_guidance_stop"] == 0.9
+
+
+def test_guidance_interval_limits_guidance_to_its_sigmas(pipes):
+    ours, _ = pipes
+    common = dict(height=32, width=32, num_inference_steps=4, seed=9, negative_prompt=NEGATIVE)
+    nowhere = ours(PROMPT, guidance_scale=4.0, guidance_interval=(0.0, 0.0), **common)
+    unguided = ours(PROMPT, guidance_scale=1.0, **common)
+    assert torch.allclose(nowhere.latents, unguided.latents, atol=1e-5)
+    everywhere = ours(PROMPT, guidance_scale=4.0, guidance_interval=(0.0, 1.0), **common)
+    default = ours(PROMPT, guidance_scale=4.0, **common)
+    assert torch.equal(everywhere.latents, default.latents)
+    partial = ours(PROMPT, guidance_scale=4.0, guidance_interval=(0.5, 1.0), **common)
+    assert not torch.allclose(partial.latents, default.latents, atol=1e-3)
+    assert not torch.allclose(partial.latents, unguided.latents, atol=1e-3)
+    assert parse_parameters(partial.images[0].info["parameters"])["guidance_interval"] == [0.5, 1.0]
+    assert "Guidance interval" not in default.images[0].info["parameters"]
+
+
 def test_metadata_reproduces_the_image(pipes):
     ours, _ = pipes
     first = ours(PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=2.0, seed=11)
@@ -119,6 +149,11 @@ def test_batch_seeds_follow_seed_plus_index(pipes):
         (dict(dynamic_thresholding_ratio=1.5), "dynamic_thresholding_ratio must be in"),
         (dict(expert_weights=[1, 1]), "no Mixture-of-Experts layers"),
         (dict(seed=[1, 2]), "seed lists 2 seeds for 1 images"),
+        (dict(guidance_interval=(0.6, 0.2)), r"guidance_interval must satisfy 0 <= low <= high <= 1, got \(0.6, 0.2\)"),
+        (dict(guidance_interval=0.5), "guidance_interval must be a pair"),
+        (dict(skip_guidance_layers=[5]), r"skip_guidance_layers must be a non-empty list of block indices in \[0, 1\]"),
+        (dict(skip_guidance_layers=[0], skip_layer_guidance_start=0.5, skip_layer_guidance_stop=0.2), "start=0.5"),
+        (dict(skip_guidance_layers=[0], skip_layer_guidance_scale=-1), "skip_layer_guidance_scale must be"),
     ],
 )
 def test_bad_input_names_parameter_and_value(pipes, kwargs, match):

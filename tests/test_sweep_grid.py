@@ -50,6 +50,16 @@ def test_expert_weights_flat_list_is_one_value_and_list_of_lists_an_axis(tmp_pat
     assert len(sweep.expand(axis)) == 3 * len(sweep.expand(_config(tmp_path)))
 
 
+def test_guidance_interval_and_skip_layers_pairs_are_one_value_lists_of_pairs_an_axis(tmp_path):
+    one = _config(tmp_path, guidance_interval=[0.2, 1], skip_layers=[7, 8, 9])
+    assert one.axes["guidance_interval"] == [[0.2, 1.0]] and one.axes["skip_layers"] == [[7, 8, 9]]
+    axis = _config(tmp_path, guidance_interval=[None, [0.2, 1]], skip_layers=[None, [1], [1, 2]])
+    cells = sweep.expand(axis)
+    assert len(cells) == 2 * 3 * len(sweep.expand(_config(tmp_path)))
+    kwargs = sweep.pipeline_kwargs(cells[-1].settings)
+    assert kwargs["guidance_interval"] == [0.2, 1.0] and kwargs["skip_guidance_layers"] == [1, 2]
+
+
 def test_quantization_is_the_outermost_axis(tmp_path):
     cells = sweep.expand(_config(tmp_path, quantization=[None, "int8"]))
     values = [c.settings["quantization"] for c in cells]
@@ -84,6 +94,8 @@ def test_evaluate_cells_pair_captions_with_evaluation_seeds(tmp_path):
         ({"quantization": "int4"}, ["quantization", "'int4'", "nf4"]),
         ({"expert_weights": [1, -1, 1, 1]}, ["expert_weights", "-1"]),
         ({"router_temperature": 0}, ["router_temperature", "0"]),
+        ({"guidance_interval": [0.8, 0.2]}, ["guidance_interval", "0.8", "low <= high"]),
+        ({"skip_layers": [1.5]}, ["skip_layers", "1.5", "block indices"]),
         ({"seeds": [1, 1]}, ["seeds", "twice"]),
         ({"seeds": "one"}, ["seeds", "'one'"]),
         ({"prompts": []}, ["prompts", "[]"]),

@@ -286,3 +286,15 @@ def test_series_plot_draws_sorted_points():
     line = figure.axes[0].get_lines()[0]
     assert list(line.get_xdata()) == [1, 2, 4] and list(line.get_ydata()) == [0.5, 0.3, 0.1]
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["1", "2", "4"]
+
+
+def test_routing_record_with_guidance_interval_keeps_one_batch(micro_run):
+    pipe, _ = micro_run
+    prompt = "a red circle at the center on a white background"
+    common = dict(seed=3, num_inference_steps=4, height=64, width=64, guidance_scale=3.0, guidance_interval=(0.5, 1.0))
+    recorded = pipe(prompt, record_routing=True, **common)
+    plain = pipe(prompt, **common)
+    assert torch.allclose(recorded.latents, plain.latents, atol=1e-4)
+    gates = recorded.routing.stacked()
+    assert gates.shape[:3] == (4, len(pipe.transformer.moe_layers), 2)  # every step holds [negative; positive]
+    assert viz.conditional_indices(recorded.routing, 1) == [1]

@@ -168,25 +168,67 @@ def _log_snr(sigma: float) -> float:
     return math.log(1 - sigma) - math.log(sigma) if sigma < 1 else -math.inf
 
 
-def cfg_velocity(
-    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], guidance_scale: float
-) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    """Wrap ``model_fn(x_batch, timestep_batch)`` into ``velocity_fn(x, σ)`` with classifier-free guidance.
+ModelFn = Callable[..., torch.Tensor]
+"""``model_fn(x_batch, timestep_batch, positive_only=False, skip_layers=())``: the network's velocity. The batch
+holds [negative; positive] images (diffusers' order) or, with ``positive_only``, the positive ones alone;
+``skip_layers`` names transformer blocks to bypass (skip-layer guidance)."""
 
-    With guidance (> 1) the model sees ``[x, x]`` in the order [negative, positive] (diffusers' order) and the
-    result is ``v_neg + g·(v_pos − v_neg)``.
+
+@dataclass(frozen=True)
+class Guidance:
+    """How the predictions are combined into the velocity the sampler follows.
+
+    ``scale``: classifier-free guidance ``v_neg + scale·(v_pos − v_neg)``; ≤ 1 means the positive prediction alone.
+    ``interval`` (σ_low, σ_high): guidance only for σ in that closed range; elsewhere the positive prediction alone
+    (one network call on half the batch). Kynkäänniemi et al. 2024, "Applying guidance in a limited interval".
+    ``skip_layers``, ``skip_layer_scale``, ``skip_layer_sigmas``: skip-layer guidance (SD3.5): at the listed σ values
+    the guided velocity gains ``skip_layer_scale·(v_pos − v_skip)``, ``v_skip`` the positive prediction with those
+    blocks bypassed — diffusers' ``skip_guidance_layers`` (which applies only together with classifier-free guidance).
     """
 
-    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        if guidance_scale > 1.0:
-            batch = torch.cat([x, x])
-        else:
-            batch = x
+    scale: float
+    interval: tuple[float, float] = (0.0, 1.0)
+    skip_layers: tuple[int, ...] = ()
+    skip_layer_scale: float = 0.0
+    skip_layer_sigmas: frozenset[float] = field(default_factory=frozenset)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.scale > 1.0
+
+    def cfg_at(self, sigma: float) -> bool:
+        return self.uses_cfg and self.interval[0] <= sigma <= self.interval[1]
+
+    def skip_layers_at(self, sigma: float) -> bool:
+        active = bool(self.skip_layers) and self.skip_layer_scale != 0
+        return self.uses_cfg and active and sigma in self.skip_layer_sigmas
+
+
+def skip_layer_sigmas(sigmas: torch.Tensor, num_steps: int, start: float, stop: float) -> frozenset[float]:
+    """The σ values of ``sigmas`` (one per sampler step, last one 0 excluded) at which diffusers applies skip-layer
+    guidance: step i with ``start·num_steps < i < stop·num_steps``, i counted along ``sigmas``."""
+    steps = [float(s) for s in sigmas[:-1]]
+    return frozenset(s for i, s in enumerate(steps) if start * num_steps < i < stop * num_steps)
+
+
+def cfg_velocity(model_fn: ModelFn, guidance: Guidance | float) -> VelocityFn:
+    """Wrap ``model_fn`` (see :data:`ModelFn`) into ``velocity_fn(x, σ)`` following ``guidance`` (a
+    :class:`Guidance` or a plain classifier-free guidance scale)."""
+    if not isinstance(guidance, Guidance):
+        guidance = Guidance(float(guidance))
+
+    def call(batch: torch.Tensor, sigma: float, **kwargs) -> torch.Tensor:
         timestep = (torch.tensor(sigma, dtype=torch.float32) * NUM_TRAIN_TIMESTEPS).expand(batch.shape[0])
-        v = model_fn(batch, timestep)
-        if guidance_scale > 1.0:
-            negative, positive = v.chunk(2)
-            return negative + guidance_scale * (positive - negative)
-        return v
+        return model_fn(batch, timestep, **kwargs)
+
+    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if not guidance.cfg_at(sigma):
+            return call(x, sigma, positive_only=guidance.uses_cfg)
+        negative, positive = call(torch.cat([x, x]), sigma).chunk(2)
+        guided = negative + guidance.scale * (positive - negative)
+        if guidance.skip_layers_at(sigma):
+            skipped = call(x, sigma, positive_only=True, skip_layers=guidance.skip_layers)
+            guided = guided + guidance.skip_layer_scale * (positive - skipped)
+        return guided
 
     return velocity

@@ -33,6 +33,11 @@ KEY_ORDER = [
     ("expert_weights", "Expert weights"),
     ("router_temperature", "Router temperature"),
     ("max_sequence_length", "Max sequence length"),
+    ("guidance_interval", "Guidance interval"),
+    ("skip_guidance_layers", "Skip layers"),
+    ("skip_layer_guidance_scale", "SLG scale"),
+    ("skip_layer_guidance_start", "SLG start"),
+    ("skip_layer_guidance_stop", "SLG stop"),
 ]
 LABEL_TO_KEY = {label: key for key, label in KEY_ORDER}
 
@@ -79,6 +84,9 @@ def _parse_value(key: str, raw: str) -> object:
         "flow_temperature",
         "dynamic_thresholding_ratio",
         "router_temperature",
+        "skip_layer_guidance_scale",
+        "skip_layer_guidance_start",
+        "skip_layer_guidance_stop",
     ):
         return float(raw)
     return raw

@@ -39,6 +39,7 @@ class GenerationDefaults:
     negative_prompt: str = ""
     latent_rgb_factors: list[list[float]] | None = None
     latent_rgb_bias: list[float] | None = None
+    guidance_interval: list[float] | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationDefaults:
@@ -214,6 +215,11 @@ class Pipeline:
         num_images: int = 1,
         initial_latents: torch.Tensor | None = None,
         prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+        guidance_interval: Sequence[float] | None = None,
+        skip_guidance_layers: Sequence[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_start: float = 0.01,
+        skip_layer_guidance_stop: float = 0.2,
     ) -> GenerationOutput:
         """Generate images.
 
@@ -222,6 +228,10 @@ class Pipeline:
         image→image with diffusers' ``strength`` semantics. ``guidance_scale`` ≤ 1 disables classifier-free
         guidance. ``initial_latents`` (B, C, h, w) replaces the seeded noise and ``prompt_embeds`` = (positive
         embeds, pooled) replaces the text encoders' output for the positive prompts (used by frame sequences).
+        ``guidance_interval`` (σ_low, σ_high) applies classifier-free guidance only for σ in that range (the model's
+        default, else everywhere); the other steps evaluate the positive prompt alone, at half the cost.
+        ``skip_guidance_layers`` turns on skip-layer guidance (SD3.5 Medium: [7, 8, 9]) with diffusers' meaning of
+        the ``skip_layer_guidance_*`` arguments (scale; start and stop as fractions of the steps); it needs guidance.
         Raises ValueError naming the parameter for any invalid input and :class:`flow.GenerationCancelled` when
         the callback returns ``False``.
         """
@@ -247,10 +257,22 @@ class Pipeline:
         height = d.height if height is None else height
         width = d.width if width is None else width
         self._validate(steps, guidance, sampler, flow_temperature, max_sequence_length, num_images, height, width)
+        interval = d.guidance_interval if guidance_interval is None else guidance_interval
+        interval = _check_interval(interval if interval is not None else (0.0, 1.0))
+        skip_layers = self._check_skip_layer_guidance(
+            skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop
+        )
         seeds = self._seeds(seed, len(prompts))
         sigmas = flow.sigma_schedule(steps, shift)
         if image is not None:
             sigmas = sigmas[flow.img2img_start(steps, strength) :]
+        guidance_rule = flow.Guidance(
+            guidance,
+            interval,
+            skip_layers,
+            skip_layer_guidance_scale,
+            flow.skip_layer_sigmas(sigmas, steps, skip_layer_guidance_start, skip_layer_guidance_stop),
+        )
 
         if self.num_experts:
             self.transformer.set_routing(expert_weights, router_temperature)
@@ -264,7 +286,7 @@ class Pipeline:
                 seeds, height, width, image, sigmas, flow_temperature, initial_latents, len(prompts)
             )
             embeds, pooled = self._conditioning(prompts, negatives, guidance, max_sequence_length, prompt_embeds)
-            velocity = flow.cfg_velocity(self._model_fn(embeds, pooled, routing), guidance)
+            velocity = flow.cfg_velocity(self._model_fn(embeds, pooled, routing), guidance_rule)
             with torch.no_grad():
                 latents = flow.sample(
                     velocity, latents, sigmas, sampler, dynamic_thresholding_ratio, callback, trajectory
@@ -294,6 +316,10 @@ class Pipeline:
                 "expert_weights": _jsonable(expert_weights),
                 "router_temperature": router_temperature if router_temperature != 1.0 else None,
                 "max_sequence_length": max_sequence_length if max_sequence_length != 256 else None,
+                "guidance_interval": list(interval) if interval != (0.0, 1.0) else None,
+                **_skip_layer_parameters(
+                    skip_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop
+                ),
             }
             img.info["parameters"] = format_parameters(params)
             parameters.append(params)
@@ -323,6 +349,27 @@ class Pipeline:
         if not isinstance(num_images, int) or not 1 <= num_images <= 64:
             raise ValueError(f"num_images must be an integer in [1, 64], got {num_images!r}")
         self.check_size(height, width)
+
+    def _check_skip_layer_guidance(
+        self, layers: Sequence[int] | None, scale: float, start: float, stop: float
+    ) -> tuple[int, ...]:
+        """The validated skip-layer tuple (empty when skip-layer guidance is off)."""
+        if layers is None:
+            return ()
+        depth = len(self.transformer.transformer_blocks)
+        chosen = tuple(layers)
+        if not chosen or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth for i in chosen):
+            raise ValueError(
+                f"skip_guidance_layers must be a non-empty list of block indices in [0, {depth - 1}], got {layers!r}"
+            )
+        if not 0 <= scale <= 100:
+            raise ValueError(f"skip_layer_guidance_scale must be between 0 and 100, got {scale}")
+        if not 0 <= start < stop <= 1:
+            raise ValueError(
+                "skip_layer_guidance_start and skip_layer_guidance_stop must satisfy 0 <= start < stop <= 1, "
+                f"got start={start}, stop={stop}"
+            )
+        return chosen
 
     @staticmethod
     def _reject_expert_weights(expert_weights: object) -> None:
@@ -394,18 +441,66 @@ class Pipeline:
         return torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
 
     def _model_fn(self, embeds: torch.Tensor, pooled: torch.Tensor, routing: RoutingRecord | None):
-        """The transformer as ``model_fn(x, timestep)``; the routing record's step is the model-evaluation index
-        (the sampler step for euler and dpmpp_2m; two evaluations per step for heun)."""
+        """The transformer as :data:`flow.ModelFn`. The routing record's step is the model-evaluation index (the
+        sampler step for euler and dpmpp_2m; two evaluations per step for heun); skip-layer passes are not recorded,
+        and a positive-only pass (outside the guidance interval) runs the whole [negative; positive] batch while
+        routing is recorded, so that every recorded step has the same batch."""
         step = {"n": 0}
 
-        def model_fn(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        def model_fn(
+            x: torch.Tensor, timestep: torch.Tensor, positive_only: bool = False, skip_layers: Sequence[int] = ()
+        ) -> torch.Tensor:
+            x, timestep = x.to(self.device, self.dtype), timestep.to(self.device)
+            if skip_layers:
+                self.transformer.record_routing(None)
+                try:
+                    first = embeds.shape[0] - x.shape[0]
+                    out = self.transformer(x, embeds[first:], pooled[first:], timestep, skip_layers=skip_layers)
+                    return out.float()
+                finally:
+                    self.transformer.record_routing(routing)
             if routing is not None:
                 routing.step = step["n"]
                 step["n"] += 1
-            out = self.transformer(x.to(self.device, self.dtype), embeds, pooled, timestep.to(self.device))
-            return out.float()
+            first = embeds.shape[0] - x.shape[0] if positive_only else 0  # the positive rows come last
+            if first and routing is not None:
+                both = self.transformer(torch.cat([x, x]), embeds, pooled, timestep.repeat(2)).float()
+                return both[first:]
+            return self.transformer(x, embeds[first:], pooled[first:], timestep).float()
 
         return model_fn
+
+
+def parse_block_list(name: str, text: str | None) -> list[int]:
+    """``"7, 8,9"`` → ``[7, 8, 9]``; empty or None → ``[]``; ValueError naming ``name`` otherwise."""
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    try:
+        return [int(item) for item in items]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated block indices such as 7,8,9, got {text!r}") from None
+
+
+def _check_interval(interval: Sequence[float]) -> tuple[float, float]:
+    """``guidance_interval`` as a float pair (low, high) with 0 ≤ low ≤ high ≤ 1; ValueError otherwise."""
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be a pair (low, high) of sigmas, got {interval!r}") from None
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {interval!r}")
+    return low, high
+
+
+def _skip_layer_parameters(layers: tuple[int, ...], scale: float, start: float, stop: float) -> dict[str, object]:
+    """The metadata entries of skip-layer guidance (none when it is off)."""
+    if not layers:
+        return {}
+    return {
+        "skip_guidance_layers": list(layers),
+        "skip_layer_guidance_scale": scale,
+        "skip_layer_guidance_start": start,
+        "skip_layer_guidance_stop": stop,
+    }
 
 
 def _jsonable(weights: object) -> object:

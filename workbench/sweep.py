@@ -104,6 +104,25 @@ def _weight_list(key: str, value: Any) -> list[float]:
     return [float(v) for v in value]
 
 
+def _guidance_interval(key: str, value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2 or not all(_is_number(v) for v in value):
+        raise ValueError(f"{key} must be a pair [low, high] of sigmas, got {value!r}")
+    if not 0 <= value[0] <= value[1] <= 1:
+        raise ValueError(f"{key} must satisfy 0 <= low <= high <= 1, got {value!r}")
+    return [float(v) for v in value]
+
+
+def _block_list(key: str, value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    indices = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not indices or not value:
+        raise ValueError(f"{key} must be a list of block indices such as [7, 8, 9], or null, got {value!r}")
+    return list(value)
+
+
 def _expert_weights(key: str, value: Any) -> list[float] | dict[int, list[float]] | None:
     if value is None:
         return None
@@ -145,11 +164,15 @@ SETTINGS: dict[str, Setting] = {
     "router_temperature": Setting("router_temperature", _float(0, 100, open_low=True), "rt"),
     "flow_temperature": Setting("flow_temperature", _float(0, 10, open_low=True), "ft"),
     "dynamic_thresholding": Setting("dynamic_thresholding_ratio", _float(0, 1, open_low=True), "dt"),
+    "guidance_interval": Setting("guidance_interval", _guidance_interval, "gi", list_valued=True),
+    "skip_layers": Setting("skip_guidance_layers", _block_list, "slg", list_valued=True),
+    "skip_layer_scale": Setting("skip_layer_guidance_scale", _float(0, 100), "slgs"),
     "negative_prompt": Setting("negative_prompt", _text, "neg"),
     "max_sequence_length": Setting("max_sequence_length", _int(1, 512), "msl"),
     "quantization": Setting(None, _choice(QUANTIZATIONS), "q"),
 }
 SETTING_DEFAULTS: dict[str, Any] = {
+    "skip_layer_scale": 2.8,
     "router_temperature": 1.0,
     "flow_temperature": 1.0,
     "negative_prompt": "",
@@ -596,7 +619,8 @@ class _Models:
                 pipe.transformer.set_routing(None, 1.0)
 
 
-def _kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+def pipeline_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A cell's settings as pipeline keyword arguments (load-time settings such as quantization left out)."""
     return {SETTINGS[k].kwarg: v for k, v in settings.items() if SETTINGS[k].kwarg is not None}
 
 
@@ -611,7 +635,7 @@ def _generate_unit(
         seed=[c.seed for c in unit],
         height=config.height,
         width=config.width,
-        **_kwargs(unit[0].settings),
+        **pipeline_kwargs(unit[0].settings),
     )
     seconds = (time.perf_counter() - start) / len(unit)
     results = []

@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from workbench.pipeline import parse_block_list
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,6 +36,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-temperature", type=float, default=1.0)
     parser.add_argument("--flow-temperature", type=float, default=1.0)
     parser.add_argument("--dynamic-thresholding", type=float, default=None)
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="guidance only for sigma in [LOW, HIGH] (default: the model's, else everywhere)",
+    )
+    parser.add_argument(
+        "--skip-layers", default=None, help="skip-layer guidance on these blocks, e.g. 7,8,9 (SD3.5 Medium)"
+    )
+    parser.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale")
+    parser.add_argument("--slg-start", type=float, default=0.01, help="skip-layer guidance from this fraction of steps")
+    parser.add_argument("--slg-stop", type=float, default=0.2, help="… up to this fraction of steps")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -69,4 +85,9 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
         router_temperature=args.router_temperature,
         flow_temperature=args.flow_temperature,
         dynamic_thresholding_ratio=args.dynamic_thresholding,
+        guidance_interval=args.guidance_interval,
+        skip_guidance_layers=parse_block_list("--skip-layers", args.skip_layers) or None,
+        skip_layer_guidance_scale=args.slg_scale,
+        skip_layer_guidance_start=args.slg_start,
+        skip_layer_guidance_stop=args.slg_stop,
     )

@@ -10,7 +10,7 @@ Inside a block the image stream holds ``N = (H/p)·(W/p)`` tokens and the text s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -427,8 +427,10 @@ class MMDiT(nn.Module):
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
         timestep: torch.Tensor,
+        skip_layers: Collection[int] = (),
     ) -> torch.Tensor:
-        """Velocity ``(B, out_channels, H, W)`` for latents ``(B, in_channels, H, W)`` at ``timestep (B,)``."""
+        """Velocity ``(B, out_channels, H, W)`` for latents ``(B, in_channels, H, W)`` at ``timestep (B,)``; the
+        blocks whose indices are in ``skip_layers`` are bypassed (both streams pass through unchanged)."""
         height, width = latents.shape[-2:]
         p = self.config.patch_size
         if self.routing_record is not None:
@@ -436,8 +438,9 @@ class MMDiT(nn.Module):
         x = self.pos_embed(latents)
         cond = self.time_text_embed(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
-        for block in self.transformer_blocks:
-            x, context = block(x, context, cond)
+        for index, block in enumerate(self.transformer_blocks):
+            if index not in skip_layers:
+                x, context = block(x, context, cond)
         x = self.proj_out(self.norm_out(x, cond))
         h, w = height // p, width // p
         x = x.reshape(x.shape[0], h, w, p, p, self.config.out_channels)

@@ -1,9 +1,10 @@
 """The sampling controls shared by the Text → Image and Image → Image tabs, and their values as pipeline arguments.
 
 Widget values map to :meth:`workbench.Pipeline.__call__` arguments with :func:`generation_kwargs`: seed −1 means a
-random seed; dynamic thresholding 0 means off; width and height are multiples of 16 bounded by the model's position
-table (``pipe.max_image_side``). Handlers take those values as one :class:`SamplingValues` argument; the
-:func:`sampling_parameters` decorator spreads it into the named parameters that Gradio's API shows.
+random seed; dynamic thresholding 0 means off; an empty skip-layer list means no skip-layer guidance; width and
+height are multiples of 16 bounded by the model's position table (``pipe.max_image_side``). Handlers take those
+values as one :class:`SamplingValues` argument; the :func:`sampling_parameters` decorator spreads it into the named
+parameters that Gradio's API shows.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import gradio as gr
 
 from workbench import GenerationCancelled, Pipeline
 from workbench.flow import SAMPLERS, img2img_start
-from workbench.pipeline import MAX_SEED
+from workbench.pipeline import MAX_SEED, parse_block_list
 from workbench.ui.params import Handler, spread_fields
 from workbench.ui.session import Step, Workbench
 
 SIZE_STEP = 16
 MAX_BATCH = 8
+SKIP_LAYER_DEFAULTS = {"scale": 2.8, "start": 0.01, "stop": 0.2}  # diffusers' (SD3.5 Medium's recommendation)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class SamplingValues:
     shift: float
     flow_temperature: float
     dynamic_thresholding: float
+    guidance_interval_low: float
+    guidance_interval_high: float
+    skip_layers: str
+    skip_layer_scale: float
+    skip_layer_start: float
+    skip_layer_stop: float
 
     def kwargs(self, **overrides: Any) -> dict:
         """:func:`generation_kwargs` of these values, ``overrides`` (such as ``batch_count=1``) replacing fields;
@@ -61,14 +69,25 @@ def sampling_defaults(pipe: Pipeline) -> SamplingValues:
         shift=d.shift,
         flow_temperature=1.0,
         dynamic_thresholding=0.0,
+        guidance_interval_low=_interval(pipe)[0],
+        guidance_interval_high=_interval(pipe)[1],
+        skip_layers="",
+        skip_layer_scale=SKIP_LAYER_DEFAULTS["scale"],
+        skip_layer_start=SKIP_LAYER_DEFAULTS["start"],
+        skip_layer_stop=SKIP_LAYER_DEFAULTS["stop"],
     )
+
+
+def _interval(pipe: Pipeline) -> tuple[float, float]:
+    low, high = pipe.defaults.guidance_interval or (0.0, 1.0)
+    return float(low), float(high)
 
 
 _spread_settings = spread_fields(SamplingValues, "settings")
 
 
 def sampling_parameters(fn: Handler) -> Handler:
-    """Decorator for a handler with a parameter ``settings: SamplingValues``: Gradio sees the eleven widget values of
+    """Decorator for a handler with a parameter ``settings: SamplingValues``: Gradio sees the widget values of
     :meth:`SamplingControls.settings` in its place (see :func:`workbench.ui.params.spread_fields`); they default to
     the fields of ``settings``'s default (such as :func:`sampling_defaults`) when it has one."""
     return _spread_settings(fn)
@@ -90,6 +109,12 @@ class SamplingControls:
     shift: gr.Slider
     flow_temperature: gr.Slider
     dynamic_thresholding: gr.Slider
+    guidance_interval_low: gr.Slider
+    guidance_interval_high: gr.Slider
+    skip_layers: gr.Textbox
+    skip_layer_scale: gr.Slider
+    skip_layer_start: gr.Slider
+    skip_layer_stop: gr.Slider
     reuse_seed: gr.Button
     random_seed: gr.Button
 
@@ -113,6 +138,11 @@ class SamplingControls:
             self.height: gr.update(maximum=side, **({"value": min(d.height, side)} if values else {})),
             self.sampler: gr.update(value=d.sampler) if values else gr.update(),
             self.shift: gr.update(value=d.shift) if values else gr.update(),
+            self.guidance_interval_low: gr.update(value=_interval(pipe)[0]) if values else gr.update(),
+            self.guidance_interval_high: gr.update(value=_interval(pipe)[1]) if values else gr.update(),
+            self.skip_layers: gr.update(
+                placeholder=f"off; block indices 0–{len(pipe.transformer.transformer_blocks) - 1}, e.g. 7,8,9"
+            ),
         }
 
 
@@ -148,6 +178,20 @@ def sampling_controls(pipe: Pipeline, prefix: str, prompt_lines: int = 2) -> Sam
         with gr.Row():
             flow_temperature = gr.Slider(0.5, 1.5, value=1.0, step=0.01, label="Flow temperature (noise scale)")
             dynamic = gr.Slider(0, 1, value=0, step=0.005, label="Dynamic thresholding ratio (0 = off)")
+        low, high = _interval(pipe)
+        with gr.Row():
+            interval_low = gr.Slider(0, 1, value=low, step=0.01, label="Guidance interval: lowest σ")
+            interval_high = gr.Slider(0, 1, value=high, step=0.01, label="Guidance interval: highest σ")
+        with gr.Row():
+            skip_layers = gr.Textbox(
+                value="",
+                label="Skip-layer guidance: blocks",
+                placeholder=f"off; block indices 0–{len(pipe.transformer.transformer_blocks) - 1}, e.g. 7,8,9",
+                elem_id=f"{prefix}-skip-layers",
+            )
+            skip_scale = gr.Slider(0, 10, value=SKIP_LAYER_DEFAULTS["scale"], step=0.1, label="SLG scale")
+            skip_start = gr.Slider(0, 1, value=SKIP_LAYER_DEFAULTS["start"], step=0.01, label="SLG start")
+            skip_stop = gr.Slider(0, 1, value=SKIP_LAYER_DEFAULTS["stop"], step=0.01, label="SLG stop")
     random_seed.click(lambda: -1, None, seed, queue=False, api_visibility="private")
     return SamplingControls(
         prompt,
@@ -162,6 +206,12 @@ def sampling_controls(pipe: Pipeline, prefix: str, prompt_lines: int = 2) -> Sam
         shift,
         flow_temperature,
         dynamic,
+        interval_low,
+        interval_high,
+        skip_layers,
+        skip_scale,
+        skip_start,
+        skip_stop,
         reuse_seed,
         random_seed,
     )
@@ -185,10 +235,17 @@ def generation_kwargs(
     shift: float = 1.0,
     flow_temperature: float = 1.0,
     dynamic_thresholding: float = 0.0,
+    guidance_interval_low: float = 0.0,
+    guidance_interval_high: float = 1.0,
+    skip_layers: str = "",
+    skip_layer_scale: float = SKIP_LAYER_DEFAULTS["scale"],
+    skip_layer_start: float = SKIP_LAYER_DEFAULTS["start"],
+    skip_layer_stop: float = SKIP_LAYER_DEFAULTS["stop"],
 ) -> dict:
     """Widget values → keyword arguments of the pipeline call (names as in :meth:`workbench.Pipeline.__call__`)."""
     seed_value = _int("seed", seed)
     ratio = float(dynamic_thresholding or 0.0)
+    layers = parse_block_list("skip_layers", skip_layers)
     return {
         "negative_prompt": negative_prompt or "",
         "num_inference_steps": _int("steps", steps),
@@ -201,6 +258,11 @@ def generation_kwargs(
         "shift": float(shift),
         "flow_temperature": float(flow_temperature),
         "dynamic_thresholding_ratio": ratio if ratio > 0 else None,
+        "guidance_interval": (float(guidance_interval_low), float(guidance_interval_high)),
+        "skip_guidance_layers": layers or None,
+        "skip_layer_guidance_scale": float(skip_layer_scale),
+        "skip_layer_guidance_start": float(skip_layer_start),
+        "skip_layer_guidance_stop": float(skip_layer_stop),
     }
 
 
@@ -218,6 +280,7 @@ def parameters_to_settings(params: dict, pipe: Pipeline) -> dict[str, object]:
     d = pipe.defaults
     sampler = SAMPLER_ALIASES.get(str(params.get("sampler", d.sampler)).lower(), d.sampler)
     side = pipe.max_image_side
+    interval = params.get("guidance_interval") or (0.0, 1.0)  # absent: guidance at every step, as other tools do
     return {
         "prompt": str(params.get("prompt", "")),
         "negative_prompt": str(params.get("negative_prompt", "")),
@@ -231,6 +294,12 @@ def parameters_to_settings(params: dict, pipe: Pipeline) -> dict[str, object]:
         "shift": float(params.get("shift", d.shift)),
         "flow_temperature": float(params.get("flow_temperature") or 1.0),
         "dynamic_thresholding": float(params.get("dynamic_thresholding_ratio") or 0.0),
+        "guidance_interval_low": float(interval[0]),
+        "guidance_interval_high": float(interval[1]),
+        "skip_layers": ",".join(str(i) for i in params.get("skip_guidance_layers") or []),
+        "skip_layer_scale": float(params.get("skip_layer_guidance_scale", SKIP_LAYER_DEFAULTS["scale"])),
+        "skip_layer_start": float(params.get("skip_layer_guidance_start", SKIP_LAYER_DEFAULTS["start"])),
+        "skip_layer_stop": float(params.get("skip_layer_guidance_stop", SKIP_LAYER_DEFAULTS["stop"])),
     }
 
 
