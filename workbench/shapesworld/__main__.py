@@ -8,6 +8,7 @@ python -m workbench.shapesworld eval --n 200                                # ac
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from workbench import load_pipeline
+    from workbench.pipeline import parse_block_list
     from workbench.shapesworld.evaluate import evaluate, format_table
+    from workbench.shapesworld.failures import format_breakdown
 
     pipe = load_pipeline(
         args.model,
@@ -84,7 +87,12 @@ def _eval(args: argparse.Namespace) -> int:
         int8_backend=args.int8_backend,
     )
     settings = dict(
-        num_inference_steps=args.steps, guidance_scale=args.guidance, shift=args.shift, sampler=args.sampler
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        shift=args.shift,
+        sampler=args.sampler,
+        guidance_interval=args.guidance_interval,
+        skip_guidance_layers=parse_block_list("--skip-layers", args.skip_layers) or None,
     )
 
     routed = pipe.num_experts > 1
@@ -110,6 +118,12 @@ def _eval(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
     print(format_table(results))
+    if args.breakdown:
+        print("\n" + format_breakdown(results["records"]))
+    if args.records:
+        Path(args.records).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.records, "w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in results["records"])
     if shares:
         total = sum(count * share for count, share in shares) / sum(count for count, _ in shares)
         blocks = pipe.transformer.config.moe_layers
@@ -189,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--keep-modulation", action="store_true", help="with --quantization: keep the adaLN linears unquantized"
     )
+    ev.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
+    ev.add_argument("--skip-layers", default=None, help="skip-layer guidance blocks, e.g. 2,3")
+    ev.add_argument("--breakdown", action="store_true", help="also print where it fails (per shape, size, reason)")
+    ev.add_argument("--records", default=None, help="write each caption's scores and reading to this JSONL file")
     ev.set_defaults(run_command=_eval)
     add_data_commands(commands)
     return parser

@@ -418,11 +418,24 @@ def score(caption: str, image: Image.Image | np.ndarray) -> dict[str, bool]:
     objects of colour A and colour B), count (exactly two objects), all. Colour, shape, position and size are read off
     the largest object. Raises ValueError for a non-canonical caption.
     """
+    return score_reading(caption, read_image(image))
+
+
+def score_reading(caption: str, reading: Mapping[str, Any]) -> dict[str, bool]:
+    """:func:`score` of an image already read by :func:`read_image`."""
     attributes = parse_caption(caption)
-    reading = read_image(image)
     if "relation" in attributes:
         return _score_two(attributes, reading)
     return _score_one(attributes, reading)
+
+
+def summarise_objects(reading: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The objects of a reading as small JSON-ready dicts: colour, shape, size, position, cx, cy, r (largest first)."""
+    keys = ("colour", "shape", "size", "position")
+    return [
+        {**{k: obj[k] for k in keys}, **{k: round(float(obj[k]), 4) for k in ("cx", "cy", "r")}}
+        for obj in reading["objects"]
+    ]
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
@@ -456,7 +469,8 @@ def evaluate(
     ``generate_fn(captions, seeds) -> list of PIL images`` is called with up to ``batch_size`` captions at a time; the
     seed of caption i is ``seed * 100_000 + i``; ``progress`` shows a bar of the captions done. Returns {"n", "seed",
     "kind", "height", "width", "accuracy": {"one"|"two": {attribute: fraction}}, "support": {"one"|"two": {attribute:
-    count}}, "all": fraction of captions fully correct, "records": [{"caption", "seed", "kind", "scores"}]}.
+    count}}, "all": fraction of captions fully correct, "records": [{"caption", "seed", "kind", "scores",
+    "background", "objects"}]} with what was read of each image (:func:`summarise_objects`).
     """
     captions = random_canonical_captions(n, seed, kind)
     seeds = [seed * 100_000 + i for i in range(n)]
@@ -469,9 +483,11 @@ def evaluate(
         if len(images) != len(chunk):
             raise ValueError(f"generate_fn returned {len(images)} images for {len(chunk)} captions")
         for caption, image_seed, image in zip(chunk, chunk_seeds, images):
-            scores = score(caption, image)
+            reading = read_image(image)
+            scores = score_reading(caption, reading)
             group = "two" if "relation" in scores else "one"
-            records.append({"caption": caption, "seed": image_seed, "kind": group, "scores": scores})
+            record = {"caption": caption, "seed": image_seed, "kind": group, "scores": scores}
+            records.append({**record, "background": reading["background"], "objects": summarise_objects(reading)})
     bar.close()
     accuracy, support = _accumulate(records)
     overall = sum(r["scores"]["all"] for r in records) / max(len(records), 1)
