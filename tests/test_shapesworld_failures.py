@@ -57,3 +57,42 @@ def test_eval_command_writes_breakdown_and_records(tmp_path, capsys):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["kind"] for r in rows) == ["one", "two"]
     assert {"caption", "seed", "scores", "objects"} <= set(rows[0])
+
+
+def test_edited_captions_change_only_what_they_name():
+    from workbench.shapesworld.sensitivity import edited_caption
+
+    two = "a red circle to the left of a blue square on a white background"
+    assert edited_caption(two, "colours swapped") == "a blue circle to the left of a red square on a white background"
+    assert edited_caption(two, "shapes swapped") == "a red square to the left of a blue circle on a white background"
+    assert edited_caption(two, "relation flipped") == "a red circle to the right of a blue square on a white background"
+    recoloured = w.parse_caption(edited_caption(two, "colour of a"))
+    assert recoloured["colour_a"] not in ("red", "blue") and recoloured["colour_b"] == "blue"
+    assert edited_caption("a red star above a blue star on a gray background", "shapes swapped") is None
+    one = "a large red circle at the top left on a white background"
+    assert edited_caption(one, "position") == "a large red circle at the bottom right on a white background"
+    assert w.parse_caption(edited_caption(one, "shape"))["shape"] != "circle"
+
+
+def test_caption_sensitivity_on_a_micro_model():
+    import torch
+
+    from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
+    from workbench.shapesworld.sensitivity import caption_sensitivity, format_sensitivity
+
+    pipe = build_pipeline(ShapesWorldSpec.micro())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # zero-initialised gates would make the velocity ignore the text
+        for p in pipe.transformer.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    result = caption_sensitivity(pipe, n=6, seed=1, sigmas=(0.8, 0.4), size=96)
+    assert set(result) == {"one", "two"} and set(result["two"]) == {
+        "colour of a",
+        "colours swapped",
+        "shapes swapped",
+        "relation flipped",
+    }
+    values = [v for edits in result.values() for per_sigma in edits.values() for v in per_sigma.values()]
+    assert len(values) == 2 * 7 and all(0 < v < 100 for v in values)
+    table = format_sensitivity(result)
+    assert "| two | relation flipped |" in table and "σ = 0.8" in table

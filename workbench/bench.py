@@ -582,6 +582,17 @@ def _judgements(result: dict) -> list[bool]:
     return [v for r in result["records"] for k, v in sorted(r["scores"].items()) if k != "all"]
 
 
+SHAPESWORLD_ROWS = (
+    "fp32",
+    "bf16",
+    "int8",
+    "int8 weight-only",
+    "nf4",
+    "nf4, modulation kept",
+    "fp32, guidance for σ ≥ 0.3",
+)
+
+
 def section_shapesworld(n: int, precisions: tuple[str, ...], steps: int | None, work: Path) -> str:
     import shutil
 
@@ -599,11 +610,12 @@ def section_shapesworld(n: int, precisions: tuple[str, ...], steps: int | None, 
     settings.update({"nf4": {"quantization": "nf4"}, "nf4, modulation kept": {"quantization": "nf4"}})
     settings["nf4, modulation kept"]["quantize_modulation"] = False
     settings["int8 weight-only"] = {"quantization": "int8", "int8_backend": "weight_only"}
+    settings["fp32, guidance for σ ≥ 0.3"] = {"call": {"guidance_interval": (0.3, 1.0)}}
     rows, reference, reference_images = [], None, None
     for name in precisions:
-        pipe = load_pipeline(snapshot, **settings[name])
+        pipe = load_pipeline(snapshot, **{k: v for k, v in settings[name].items() if k != "call"})
         defaults = pipe.defaults
-        call = {"num_inference_steps": steps or defaults.num_inference_steps}
+        call = {"num_inference_steps": steps or defaults.num_inference_steps, **settings[name].get("call", {})}
         images: list = []
 
         def generate(captions, seeds, pipe=pipe, call=call, images=images):
@@ -712,11 +724,7 @@ def run(args: argparse.Namespace) -> int:
         if "2" in sections and not quick:
             print("\n" + section_2b(512, args.timeout_2b), flush=True)
         if "3" in sections:
-            precisions = (
-                ("fp32", "nf4")
-                if quick
-                else ("fp32", "bf16", "int8", "int8 weight-only", "nf4", "nf4, modulation kept")
-            )
+            precisions = ("fp32", "nf4") if quick else SHAPESWORLD_ROWS
             print("\n" + section_shapesworld(eval_n, precisions, 4 if quick else None, work), flush=True)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     return 0

@@ -51,6 +51,7 @@ def _train(args: argparse.Namespace) -> int:
             warmup=100,
             data_workers=args.data_workers,
             time_budget=args.time_budget,
+            two_object_share=args.two_object_share,
             **common,
         )
         vae = load_trained_vae(run, spec, config)
@@ -134,6 +135,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensitivity(args: argparse.Namespace) -> int:
+    from workbench import load_pipeline
+    from workbench.shapesworld.sensitivity import caption_sensitivity, format_sensitivity
+
+    pipe = load_pipeline(args.model, device=args.device)
+    result = caption_sensitivity(pipe, n=args.n, seed=args.seed, sigmas=args.sigmas)
+    print(format_sensitivity(result))
+    print(f'\n‖v(c) − v(c′)‖ / ‖v(c) − v("")‖ over {args.n} captions per kind, seed {args.seed}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workbench.shapesworld", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="seconds for the transformer steps: --steps is lowered to what fits, keeping the cosine schedule whole",
+    )
+    train.add_argument(
+        "--two-object-share",
+        type=float,
+        default=None,
+        help="probability of a two-object scene in the transformer's batches (default: one or two equally likely)",
     )
     train.add_argument(
         "--init-from", default=None, help="seed an empty run folder from an exported model (models/shapesworld-moe)"
@@ -208,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--breakdown", action="store_true", help="also print where it fails (per shape, size, reason)")
     ev.add_argument("--records", default=None, help="write each caption's scores and reading to this JSONL file")
     ev.set_defaults(run_command=_eval)
+    sens = commands.add_parser(
+        "sensitivity", help="how much the velocity changes when a caption's colour, shape, position or binding changes"
+    )
+    sens.add_argument("--model", default=None)
+    sens.add_argument("--n", type=int, default=64, help="captions per kind")
+    sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument("--sigmas", type=float, nargs="+", default=[0.9, 0.6, 0.3])
+    sens.add_argument("--device", default="cpu")
+    sens.set_defaults(run_command=_sensitivity)
     add_data_commands(commands)
     return parser
 

@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "cpu"
     data_workers: int = 0
     time_budget: float | None = None
+    two_object_share: float | None = None
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -141,8 +142,9 @@ def _setup(config: TrainConfig) -> bool:
 
 def _batch(step: int, config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
     """The images (B, 3, H, W) as uint8 pixels (a quarter of the bytes to pass between processes) and captions."""
-    height, width = SIZES[random.Random(config.seed * 1_000_003 + step).randrange(len(SIZES))]
-    return make_batch(config.seed * 1_000_003 + step, config.batch_size, height, width, caption_style="any", uint8=True)
+    seed = config.seed * 1_000_003 + step
+    height, width = SIZES[random.Random(seed).randrange(len(SIZES))]
+    return make_batch(seed, config.batch_size, height, width, uint8=True, two_object_share=config.two_object_share)
 
 
 class _StepBatches(torch.utils.data.IterableDataset):

@@ -497,9 +497,16 @@ def make_batch(
     width: int = 128,
     caption_style: str = "any",
     uint8: bool = False,
+    two_object_share: float | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """``batch_size`` random scenes, deterministic by seed: (images (B, 3, H, W) float in [-1, 1] — or uint8 pixels
-    with ``uint8`` —, captions)."""
+    with ``uint8`` —, captions). ``two_object_share``: probability of a two-object scene (None: one or two objects
+    equally likely, drawn by ``sample_scene``)."""
+    if two_object_share is not None and not 0 <= two_object_share <= 1:
+        raise ValueError(f"two_object_share must be in [0, 1], got {two_object_share}")
     rng = random.Random(seed)
-    scenes = [sample_scene(rng, height, width, caption_style=caption_style) for _ in range(batch_size)]
+    scenes = []
+    for _ in range(batch_size):
+        kind = None if two_object_share is None else ("two" if rng.random() < two_object_share else "one")
+        scenes.append(sample_scene(rng, height, width, kind=kind, caption_style=caption_style))
     return images_to_tensor([render(scene) for scene in scenes], uint8), [scene.caption for scene in scenes]
