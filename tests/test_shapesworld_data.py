@@ -40,6 +40,15 @@ def test_make_batch_is_deterministic_by_seed():
     assert images.min() >= -1.0 and images.max() <= 1.0
 
 
+@pytest.mark.parametrize("share, objects", [(1.0, 2), (0.0, 1)])
+def test_make_batch_two_object_share(share, objects):
+    images, _ = w.make_batch(3, 12, 96, 96, uint8=True, two_object_share=share)
+    counts = [len(ev.read_image(image.permute(1, 2, 0).numpy())["objects"]) for image in images]
+    assert counts == [objects] * 12
+    with pytest.raises(ValueError, match="two_object_share must be in \\[0, 1\\], got 1.5"):
+        w.make_batch(3, 2, 96, 96, two_object_share=1.5)
+
+
 def test_sample_scene_is_deterministic_with_numpy_generator_and_random():
     for make in (random.Random, np.random.default_rng):
         a = w.sample_scene(make(3), 128, 128, caption_style="any")
