@@ -75,6 +75,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import torch
+
     from workbench import load_pipeline
     from workbench.pipeline import parse_block_list
     from workbench.shapesworld.evaluate import evaluate, format_table
@@ -83,6 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
     pipe = load_pipeline(
         args.model,
         device=args.device,
+        dtype=getattr(torch, args.dtype),
         quantization=args.quantization,
         quantize_modulation=not args.keep_modulation,
         int8_backend=args.int8_backend,
@@ -216,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--shift", type=float, default=None)
     ev.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--quantization", default=None, choices=["int8", "nf4", "fp4"])
     ev.add_argument("--int8-backend", default="auto", choices=["auto", "dynamic", "weight_only", "bitsandbytes"])
     ev.add_argument(
