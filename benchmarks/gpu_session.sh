@@ -4,7 +4,8 @@
 #   2. the embedded model's transformer training resumed from models/shapesworld-moe on the GPU for the time left
 #      of TOTAL_SECONDS, then exported; OUT_DIR receives the training log and the exported folder as a tar.gz cut
 #      into pieces of at most 15 MiB (rejoin with `cat OUT_DIR/model.tgz.* | tar xz`);
-#   3. with EVAL_N > 0: the exported model's evaluation table on EVAL_N captions in full precision, nf4 and int8
+#   3. with EVAL_N > 0: the exported model's caption-sensitivity probe (OUT_DIR/sensitivity.txt, at most 60 s), then
+#      its evaluation table with the failure breakdown on EVAL_N captions in full precision, nf4 and int8
 #      (OUT_DIR/eval_{fp32,nf4,int8}.txt; these run after TOTAL_SECONDS, at most EVAL_SECONDS each).
 # usage: benchmarks/gpu_session.sh OUT_DIR [TOTAL_SECONDS=520] [BENCH_SECONDS=200 (0: no benchmark)]
 # env: DEVICE (cuda), INIT_FROM (model folder to resume from), INIT_STEP, GROW_DEPTH (deepen the transformer to this
@@ -44,12 +45,17 @@ gzip -c "$run/transformer_log.jsonl" > "$out/transformer_log.jsonl.gz" 2>/dev/nu
 "$python" -m workbench.shapesworld export --run "$run" --out /tmp/shapesworld-export \
   --steps "${STEPS:-24}" --guidance "${GUIDANCE:-6}" --shift "${SHIFT:-1}" &&
   tar czf - -C /tmp shapesworld-export | split -b 15m - "$out/model.tgz."
+if [ "${EVAL_N:-0}" -gt 0 ] && [ -d /tmp/shapesworld-export ]; then
+  timeout 60 "$python" -m workbench.shapesworld sensitivity --model /tmp/shapesworld-export --device "${DEVICE:-cuda}" \
+    > "$out/sensitivity.txt" 2>&1
+  grep -E '^\| (one|two)' "$out/sensitivity.txt"
+fi
 for variant in ${EVAL_VARIANTS:-fp32 nf4 int8}; do
   [ "${EVAL_N:-0}" -gt 0 ] && [ -d /tmp/shapesworld-export ] || break
   echo "== eval $variant on ${EVAL_N} captions (after $((SECONDS - begin)) s)"
   quantization=(); [ "$variant" = fp32 ] || quantization=(--quantization "$variant")
   timeout "${EVAL_SECONDS:-90}" "$python" -m workbench.shapesworld eval --model /tmp/shapesworld-export \
-    --n "$EVAL_N" --device "${DEVICE:-cuda}" --batch-size 250 "${quantization[@]}" > "$out/eval_$variant.txt" 2>&1
+    --n "$EVAL_N" --device "${DEVICE:-cuda}" --batch-size 250 --breakdown "${quantization[@]}" > "$out/eval_$variant.txt" 2>&1
   echo "eval exit $?"; grep -E '^\| 128|captions' "$out/eval_$variant.txt"
 done
 ls -la "$out"
