@@ -320,6 +320,21 @@ def test_packed_linear_unpacks_when_moved():
     assert set(packed.state_dict()) == {"proj.weight", "proj.bias"}
 
 
+@pytest.mark.parametrize("rows", [1, 63, 64, 130])
+def test_packed_linear_pads_routed_rows_and_returns_exactly_them(rows):
+    if not memory.packed_kernels_available():
+        pytest.skip("oneDNN linear kernels not available")
+    linear = nn.Linear(32, 48).to(torch.bfloat16)
+    packed = memory.PackedLinear(linear)
+    x = torch.randn(rows, 32).bfloat16()
+    with torch.no_grad():
+        got = packed(x)
+        torch.testing.assert_close(got.float(), linear(x).float(), rtol=0.02, atol=0.02)
+        each = torch.cat([packed(x[i : i + 1]) for i in range(rows)])
+    assert got.shape == (rows, 48)
+    torch.testing.assert_close(got, each)  # a row's output does not depend on the padding around it
+
+
 def test_int8_backend_choice():
     assert memory.resolve_int8_backend("auto", "cpu", torch.float32) == "weight_only"
     assert memory.resolve_int8_backend("dynamic", "cpu", torch.float32) == "dynamic"

@@ -624,7 +624,7 @@ def section_shapesworld(n: int, precisions: tuple[str, ...], steps: int | None, 
             return out
 
         one_image = lambda pipe=pipe, call=call, prompt=defaults.prompt: pipe(prompt, seed=0, **call)  # noqa: E731
-        cpu, wall = interleaved({name: one_image}, repeats=3)[name]  # warm-up call, then the fastest of three
+        cpu, wall = interleaved({name: one_image}, repeats=5)[name]  # warm-up call, then the fastest of five
         if n == 0:  # timing only
             rows.append([name, _fmt(cpu), _fmt(wall)] + ["–"] * 6)
             continue

@@ -455,6 +455,9 @@ def packed_kernels_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+ROW_BUCKET = 64
+
+
 class PackedLinear(nn.Module):
     """An ``nn.Linear`` on oneDNN with the weight pre-packed for the CPU (optionally followed by a fused tanh-GELU).
 
@@ -480,9 +483,16 @@ class PackedLinear(nn.Module):
         if self.packed is None or x.dtype != self.dtype or x.device.type != "cpu":
             out = F.linear(x, self.weight.to(x), None if self.bias is None else self.bias.to(x))
             return F.gelu(out, approximate="tanh") if self.gelu else out
+        rows = x.shape[0]
+        if x.dim() == 2 and rows % ROW_BUCKET:
+            # Routed tokens (MoE experts) come in a new count at every call, and oneDNN builds a kernel per shape:
+            # padding to a multiple of ROW_BUCKET keeps the shapes few, so the built kernels are reused.
+            x = F.pad(x, (0, 0, 0, ROW_BUCKET - rows % ROW_BUCKET))
         if self.gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], "tanh")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], "tanh")
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return out[:rows]
 
     def dense(self) -> nn.Linear:
         """The equivalent ``nn.Linear``."""
