@@ -90,8 +90,9 @@ def edited_caption(caption: str, edit: str) -> str | None:
 
 
 @torch.no_grad()
-def _velocity(pipe: Pipeline, captions: list[str], x: torch.Tensor, sigma: float) -> torch.Tensor:
-    embeds, pooled = pipe.encode_prompts(captions, None, 256)
+def _velocity(pipe: Pipeline, condition: tuple[torch.Tensor, ...], x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The transformer's velocity at ``(x, σ)`` for ``condition`` = (embeds, pooled) from ``pipe.encode_prompts``."""
+    embeds, pooled = condition
     timestep = torch.full((x.shape[0],), sigma * 1000.0, device=pipe.device)
     return pipe.transformer(x.to(pipe.device, pipe.dtype), embeds, pooled, timestep).float().cpu()
 
@@ -110,15 +111,20 @@ def caption_sensitivity(
         )
         clean = pipe.vae.scale_latents(pipe.encode_image(pixels).mode()).float().cpu()
         noise = torch.randn(clean.shape, generator=generator)
+        base_condition = pipe.encode_prompts(captions, None, 256)
+        empty_condition = pipe.encode_prompts([""] * n, None, 256)
+        edited = {}  # edit -> (indices of the captions it changes, their conditioning)
+        for edit in edits:
+            changed = [edited_caption(c, edit) for c in captions]
+            keep = [i for i, c in enumerate(changed) if c is not None]
+            edited[edit] = (keep, pipe.encode_prompts([changed[i] for i in keep], None, 256))
         out[kind] = {edit: {} for edit in edits}
         for sigma in sigmas:
             x = (1 - sigma) * clean + sigma * noise
-            base = _velocity(pipe, captions, x, sigma)
-            scale = (base - _velocity(pipe, [""] * n, x, sigma)).flatten(1).norm(dim=1)
-            for edit in edits:
-                changed = [edited_caption(c, edit) for c in captions]
-                keep = [i for i, c in enumerate(changed) if c is not None]
-                other = _velocity(pipe, [changed[i] for i in keep], x[keep], sigma)
+            base = _velocity(pipe, base_condition, x, sigma)
+            scale = (base - _velocity(pipe, empty_condition, x, sigma)).flatten(1).norm(dim=1)
+            for edit, (keep, condition) in edited.items():
+                other = _velocity(pipe, condition, x[keep], sigma)
                 ratio = (base[keep] - other).flatten(1).norm(dim=1) / scale[keep].clamp_min(1e-8)
                 out[kind][edit][sigma] = float(ratio.mean())
     return out

@@ -57,6 +57,7 @@ class SamplingValues:
 def sampling_defaults(pipe: Pipeline) -> SamplingValues:
     """The API endpoints' default settings: the model's defaults, no negative prompt, seed −1 (random), one image."""
     d = pipe.defaults
+    low, high = _interval(pipe)
     return SamplingValues(
         negative_prompt="",
         steps=d.num_inference_steps,
@@ -69,8 +70,8 @@ def sampling_defaults(pipe: Pipeline) -> SamplingValues:
         shift=d.shift,
         flow_temperature=1.0,
         dynamic_thresholding=0.0,
-        guidance_interval_low=_interval(pipe)[0],
-        guidance_interval_high=_interval(pipe)[1],
+        guidance_interval_low=low,
+        guidance_interval_high=high,
         skip_layers="",
         skip_layer_scale=SKIP_LAYER_DEFAULTS["scale"],
         skip_layer_start=SKIP_LAYER_DEFAULTS["start"],
@@ -129,6 +130,7 @@ class SamplingControls:
         """Updates for a newly loaded model: size bounds always, defaults too when ``reset_values``."""
         d, side = pipe.defaults, pipe.max_image_side
         values = reset_values
+        low, high = _interval(pipe)
         return {
             self.prompt: gr.update(value=d.prompt) if values else gr.update(),
             self.negative_prompt: gr.update(value=d.negative_prompt) if values else gr.update(),
@@ -138,8 +140,8 @@ class SamplingControls:
             self.height: gr.update(maximum=side, **({"value": min(d.height, side)} if values else {})),
             self.sampler: gr.update(value=d.sampler) if values else gr.update(),
             self.shift: gr.update(value=d.shift) if values else gr.update(),
-            self.guidance_interval_low: gr.update(value=_interval(pipe)[0]) if values else gr.update(),
-            self.guidance_interval_high: gr.update(value=_interval(pipe)[1]) if values else gr.update(),
+            self.guidance_interval_low: gr.update(value=low) if values else gr.update(),
+            self.guidance_interval_high: gr.update(value=high) if values else gr.update(),
             self.skip_layers: gr.update(
                 placeholder=f"off; block indices 0–{len(pipe.transformer.transformer_blocks) - 1}, e.g. 7,8,9"
             ),
