@@ -21,7 +21,7 @@ from PIL import Image
 from workbench import GenerationCancelled, ModelFormatError
 from workbench.loading import EMBEDDED_MODEL
 from workbench.metadata import read_parameters
-from workbench.ui import controls, experts, pnginfo, video
+from workbench.ui import controls, experts, img2img, pnginfo, video
 from workbench.ui.session import Finished, page_errors
 
 STEPS = 4
@@ -148,6 +148,40 @@ def test_img2img_endpoint(client, tmp_path):
     assert params["strength"] == 0.5 and params["seed"] == 2
     with pytest.raises(AppError, match="image"):
         client.predict(prompt=PROMPT, image=None, steps=STEPS, api_name="/img2img")
+
+
+def test_img2img_handler_inpaints_only_the_painted_region(served, client, tmp_path):
+    """A painted mask (editor layers, alpha > 0 = repaint) changes that region and leaves the rest close to the start
+    image; the /img2img API takes the same editor value; an unpainted editor is plain image→image."""
+    handler = img2img.api_function(served[0].workbench)
+    start = Image.new("RGB", (128, 128), (245, 245, 245))
+    start.paste((40, 90, 220), (72, 72, 112, 112))
+    layer = Image.new("RGBA", start.size, (0, 0, 0, 0))
+    layer.paste((255, 0, 255, 150), (0, 0, 64, 64))
+    common = dict(steps=STEPS, seed=3, strength=1.0)
+    gallery, _, parameters = handler(PROMPT, start, mask={"background": start, "layers": [layer]}, **common)
+    assert "Mask size: 128x128, Mask coverage: 0.25" in parameters
+    change = np.abs(pixels(gallery[0][0]).astype(int) - np.asarray(start, dtype=int)).mean(-1)
+    outside = np.ones(change.shape, bool)
+    outside[:80, :80] = False  # a margin around the painted 64 × 64 corner
+    inside_change, outside_change = change[:64, :64].mean(), change[outside].mean()
+    assert inside_change > 40 and outside_change < 16, (inside_change, outside_change)
+    start.save(tmp_path / "start.png")
+    layer.save(tmp_path / "layer.png")
+    mask = {"background": None, "layers": [handle_file(tmp_path / "layer.png")], "composite": None}
+    result = client.predict(
+        prompt=PROMPT, image=handle_file(tmp_path / "start.png"), mask=mask, **common, api_name="/img2img"
+    )
+    np.testing.assert_array_equal(pixels(first_image(result)), pixels(gallery[0][0]))
+
+    unpainted = {"background": start, "layers": [Image.new("RGBA", start.size)], "composite": start}
+    plain, _, plain_parameters = handler(PROMPT, start, mask=unpainted, **common)
+    direct = served[0].workbench.pipe(PROMPT, image=start, strength=1.0, num_inference_steps=STEPS, seed=3)
+    np.testing.assert_array_equal(pixels(plain[0][0]), np.asarray(direct.images[0]))
+    assert "Mask" not in plain_parameters
+    with pytest.raises(gr.Error, match="mask_image is 64x64, image is 128x128"):
+        handler(PROMPT, start, mask={"layers": [layer.resize((64, 64))]}, **common)
+    assert handler(PROMPT, start, mask={"layers": [layer]}, **common)[1] == 3
 
 
 @pytest.mark.parametrize("video_format", ["mp4", "gif"])
@@ -280,6 +314,7 @@ def test_expert_and_seed_helpers():
     values, temperature, note = pnginfo.expert_settings({"expert_weights": [0, 1, 1, 1], "router_temperature": 2}, 4)
     assert values == [0.0, 1.0, 1.0, 1.0] and temperature == 2.0 and "Experts" in note
     assert pnginfo.expert_settings({}, 4) == ([1.0] * 4, 1.0, "")
+    assert "an inpainting mask" in pnginfo.expert_settings({"strength": 0.8, "mask_size": "128x128"}, 4)[2]
 
 
 def test_frames_request_modes():

@@ -1,5 +1,6 @@
 """The command line: generate (single and batch), convert, and errors as messages with exit code 2."""
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -37,6 +38,46 @@ def test_generate_prompts_file_uses_seed_plus_line(tiny_sd3_folder, tmp_path):
     params = [read_parameters(out_dir / f) for f in files]
     assert [p["seed"] for p in params] == [100, 101, 102]
     assert [p["prompt"] for p in params] == ["a red circle", "a blue square", "a green star"]
+
+
+def test_generate_inpainting_repaints_the_masked_part(tiny_sd3_folder, tmp_path):
+    from workbench import load_pipeline
+
+    folder, _ = tiny_sd3_folder
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((32, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    mask = Image.new("L", (48, 32), 0)
+    mask.paste(255, (0, 0, 24, 16))
+    mask.save(tmp_path / "mask.png")
+    args = ["generate", "--model", str(folder), "--prompt", "a red circle", "--steps", "3", "--seed", "4"]
+    args += ["--init-image", str(tmp_path / "in.png"), "--strength", "0.8"]
+    assert main(args + ["--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "out.png")]) == 0
+    params = read_parameters(tmp_path / "out.png")
+    assert params["mask_size"] == "48x32" and params["mask_coverage"] == 0.25 and params["strength"] == 0.8
+    direct = load_pipeline(folder)(
+        "a red circle",
+        image=Image.open(tmp_path / "in.png"),
+        mask_image=mask,
+        strength=0.8,
+        num_inference_steps=3,
+        seed=4,
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(direct.images[0]))
+    assert main(args + ["--out", str(tmp_path / "plain.png")]) == 0
+    plain, out = (np.asarray(Image.open(tmp_path / name), dtype=np.int16) for name in ("plain.png", "out.png"))
+    assert np.abs(plain - out).max() > 20
+
+
+def test_mask_without_init_image_or_of_another_size_is_a_message(tiny_sd3_folder, tmp_path, capsys):
+    folder, _ = tiny_sd3_folder
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    Image.new("RGB", (48, 32)).save(tmp_path / "in.png")
+    args = ["generate", "--model", str(folder), "--prompt", "x", "--steps", "1", "--mask", str(tmp_path / "mask.png")]
+    assert main(args + ["--out", str(tmp_path / "x.png")]) == 2
+    assert "--mask needs --init-image" in capsys.readouterr().err
+    assert main(args + ["--init-image", str(tmp_path / "in.png"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "mask_image is 32x32, image is 48x32" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_bad_input_is_a_message_not_a_traceback(tiny_sd3_folder, tmp_path, capsys):

@@ -18,6 +18,9 @@ SAMPLERS = ("euler", "heun", "dpmpp_2m")
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 StepCallback = Callable[[int, float, torch.Tensor], "bool | None"]
+LatentConstraint = Callable[[int, float, torch.Tensor], torch.Tensor]
+"""``constraint(step, σ_next, x) → x``: rewrites the latents ``x`` (B, C, h, w) that step ``step`` reached at
+``σ_next`` (inpainting puts the known region back, noised to ``σ_next``); the sampler continues from its result."""
 
 
 class GenerationCancelled(RuntimeError):
@@ -122,13 +125,15 @@ def sample(
     dynamic_thresholding_ratio: float | None = None,
     callback: StepCallback | None = None,
     trajectory: Trajectory | None = None,
+    constraint: LatentConstraint | None = None,
 ) -> torch.Tensor:
     """Integrate the flow from ``sigmas[0]`` to ``sigmas[-1]`` (normally 0).
 
     ``velocity_fn(x, σ)`` returns the (guided) velocity. ``euler`` takes one model evaluation per step; ``heun``
     two (the last step is Euler, as σ = 0 needs no correction); ``dpmpp_2m`` one, second-order multistep in
-    log-SNR. ``callback(step, σ, x)`` runs after each step; returning ``False`` raises
-    :class:`GenerationCancelled`. Computation is in float32 whatever the model dtype.
+    log-SNR. ``constraint(step, σ_next, x)`` (see :data:`LatentConstraint`) rewrites the latents after each whole
+    step, before the callback and the trajectory see them. ``callback(step, σ, x)`` runs after each step; returning
+    ``False`` raises :class:`GenerationCancelled`. Computation is in float32 whatever the model dtype.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -156,6 +161,8 @@ def sample(
             previous_x0, previous_h = x0, h
         else:
             x = x + (s_next - s) * v
+        if constraint is not None:
+            x = constraint(i, s_next, x).float()
         if callback is not None and callback(i, s, x) is False:
             raise GenerationCancelled(f"generation cancelled at step {i + 1} of {len(sig) - 1}")
     if trajectory is not None:

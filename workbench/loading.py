@@ -350,6 +350,25 @@ _QKV = {
 }
 
 
+def original_module_map(depth: int) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Original MMDiT module names (``joint_blocks.3.x_block.attn.qkv``) → the diffusers modules that hold their
+    output rows, in order (three for a fused q/k/v), and whether the two row halves swap (the adaLN modulation of
+    the final layer and of the last block's context stream: the original is (shift, scale), diffusers (scale,
+    shift)). Used to read LoRAs written against the original layout."""
+    names: dict[str, tuple[tuple[str, ...], bool]] = {}
+    for old, new in _TOP_RULES.items():
+        names[old.rstrip(".")] = ((new.rstrip("."),), old.startswith("final_layer.adaLN"))
+    for i in range(depth):
+        for pattern, new in _BLOCK_RULES:
+            old = pattern.replace("\\.", ".").rstrip(".")
+            swap = i == depth - 1 and old.startswith("context_block.adaLN_modulation")
+            names[f"joint_blocks.{i}.{old}"] = ((f"transformer_blocks.{i}.{new.rstrip('.')}",), swap)
+        for old, split in _QKV.items():
+            targets = tuple(f"transformer_blocks.{i}.{name.rstrip('.')}" for name in split)
+            names[f"joint_blocks.{i}.{old.rstrip('.')}"] = (targets, False)
+    return names
+
+
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     """(shift, scale) → (scale, shift) along the output axis; the original and diffusers orders differ."""
     shift, scale = t.chunk(2, dim=0)

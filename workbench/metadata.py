@@ -7,7 +7,8 @@ Format::
     Steps: 20, Sampler: euler, CFG scale: 5, Seed: 42, Size: 128x128, Model: shapesworld-moe, Shift: 3, ...
 
 Values containing a comma or colon are JSON-quoted. Workbench-specific keys (expert weights, router temperature,
-flow temperature, dynamic thresholding, strength) follow the standard ones.
+flow temperature, dynamic thresholding, strength, the LoRAs as ``name:strength:sha256[:10]``; for inpainting the
+mask's size ``WxH`` and its coverage, the repainted fraction of the latent grid) follow the standard ones.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ KEY_ORDER = [
     ("model", "Model"),
     ("shift", "Shift"),
     ("strength", "Denoising strength"),
+    ("mask_size", "Mask size"),
+    ("mask_coverage", "Mask coverage"),
     ("flow_temperature", "Flow temperature"),
     ("dynamic_thresholding_ratio", "Dynamic thresholding"),
     ("expert_weights", "Expert weights"),
@@ -38,6 +41,7 @@ KEY_ORDER = [
     ("skip_layer_guidance_scale", "SLG scale"),
     ("skip_layer_guidance_start", "SLG start"),
     ("skip_layer_guidance_stop", "SLG stop"),
+    ("loras", "LoRAs"),
 ]
 LABEL_TO_KEY = {label: key for key, label in KEY_ORDER}
 
@@ -81,6 +85,7 @@ def _parse_value(key: str, raw: str) -> object:
         "guidance_scale",
         "shift",
         "strength",
+        "mask_coverage",
         "flow_temperature",
         "dynamic_thresholding_ratio",
         "router_temperature",

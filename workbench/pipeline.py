@@ -1,8 +1,9 @@
-"""Text→image and image→image on one loaded model: seeds, guidance, callbacks, cancel, metadata.
+"""Text→image, image→image and inpainting on one loaded model: seeds, guidance, callbacks, cancel, metadata.
 
 Images are PIL RGB; latents ``(B, 16, H/8, W/8)``. Seeds reproduce diffusers: the noise of an image with seed s is
 ``torch.randn((1, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(s))``; image→image first draws the
-VAE's latent sample from the same generator, then the noise (diffusers' order).
+VAE's latent sample from the same generator, then the noise (diffusers' order). Inpainting masks are white (1) where
+the image is repainted and black (0) where it is kept, as in diffusers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from workbench import flow
+from workbench.lora import LoRASet
 from workbench.metadata import format_parameters
 from workbench.models.mmdit import MMDiT
 from workbench.models.moe import RoutingRecord
@@ -90,6 +92,68 @@ def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor, height: int,
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
+def _image_size(image: object, name: str) -> tuple[int, int]:
+    """``(width, height)`` of a PIL image, an array ``(H, W[, C])`` or a tensor ``(…, H, W)``."""
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        return image.shape[1], image.shape[0]
+    if isinstance(image, torch.Tensor) and image.dim() >= 2:
+        return image.shape[-1], image.shape[-2]
+    raise ValueError(f"{name} must be a PIL image, an array or a tensor, got {type(image).__name__}")
+
+
+def mask_to_tensor(mask: Image.Image | np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inpainting mask → ``(1, 1, height, width)`` float32 of 1 (repaint, white) and 0 (keep, black), as diffusers'
+    SD3 inpainting mask processor makes it: PIL images (any mode) and uint8 arrays are resized with Lanczos, turned
+    grayscale and scaled to [0, 1]; float or bool arrays ``(H, W[, 1])`` and tensors ``(H, W)``, ``(1, H, W)`` or
+    ``(1, 1, H, W)`` with values in [0, 1] are resized by nearest neighbour; then values ≥ 0.5 become 1, the rest 0.
+    Raises ValueError naming ``mask_image`` for any other input."""
+    if isinstance(mask, np.ndarray):
+        if mask.dtype == np.uint8:
+            mask = Image.fromarray(mask[..., 0] if mask.ndim == 3 and mask.shape[-1] == 1 else mask)
+        elif mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.floating):
+            if mask.ndim == 3 and mask.shape[-1] == 1:
+                mask = mask[..., 0]
+            if mask.ndim != 2:
+                raise ValueError(f"mask_image arrays must be (H, W) or (H, W, 1), got shape {mask.shape}")
+            mask = torch.from_numpy(mask.astype(np.float32))
+        else:
+            raise ValueError(f"mask_image arrays must be uint8 (0–255), bool or float in [0, 1], got {mask.dtype}")
+    if isinstance(mask, Image.Image):
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), resample=Image.LANCZOS)
+        tensor = torch.from_numpy(np.array(mask.convert("L")).astype(np.float32) / 255.0)[None, None]
+    elif isinstance(mask, torch.Tensor):
+        tensor = mask.detach().float().cpu()
+        while tensor.dim() < 4 and (tensor.dim() == 2 or tensor.shape[0] == 1):
+            tensor = tensor[None]
+        if tensor.dim() != 4 or tensor.shape[:2] != (1, 1):
+            raise ValueError(f"mask_image tensors must be (H, W), (1, H, W) or (1, 1, H, W), got {tuple(mask.shape)}")
+        low, high = (float(tensor.min()), float(tensor.max())) if tensor.numel() else (0.0, 0.0)
+        if not (low >= 0.0 and high <= 1.0):
+            raise ValueError(f"mask_image values must be in [0, 1] (1 = repaint), got values in [{low:g}, {high:g}]")
+        if tensor.shape[-2:] != (height, width):
+            tensor = torch.nn.functional.interpolate(tensor, size=(height, width))
+    else:
+        raise ValueError(f"mask_image must be a PIL image, an array or a tensor, got {type(mask).__name__}")
+    return (tensor >= 0.5).float()
+
+
+def inpaint_constraint(mask: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor) -> flow.LatentConstraint:
+    """diffusers' SD3 inpainting blend (16-channel transformer) as a :data:`flow.LatentConstraint`: after each step,
+    ``x = (1 − mask)·known + mask·x`` where ``known`` is the image latent noised to the step's target σ with the start
+    noise (the clean latent after the last step, σ = 0). ``mask`` ``(1, 1, h, w)`` is 1 where the image is repainted;
+    ``clean`` and ``noise`` are ``(B, C, h, w)``, on the device of the latents."""
+    keep = 1.0 - mask
+
+    def constrain(step: int, sigma: float, x: torch.Tensor) -> torch.Tensor:
+        known = clean if sigma == 0 else flow.add_noise(clean, noise, sigma)
+        return keep * known + mask * x
+
+    return constrain
+
+
 def tensor_to_images(decoded: torch.Tensor) -> list[Image.Image]:
     """Decoded VAE output ``(B, 3, H, W)`` in [-1, 1] → PIL images (diffusers' rounding)."""
     array = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
@@ -120,6 +184,7 @@ class Pipeline:
         self.defaults = defaults or GenerationDefaults()
         self.device = torch.device(device)
         self.dtype = dtype
+        self.loras = LoRASet(self)
 
     @property
     def num_experts(self) -> int:
@@ -203,6 +268,7 @@ class Pipeline:
         max_sequence_length: int = 256,
         image: Image.Image | torch.Tensor | None = None,
         strength: float = 0.6,
+        mask_image: Image.Image | np.ndarray | torch.Tensor | None = None,
         sampler: str | None = None,
         expert_weights: Sequence[float] | dict[int, Sequence[float]] | None = None,
         router_temperature: float = 1.0,
@@ -225,9 +291,13 @@ class Pipeline:
 
         ``prompt`` may be a list (one image each, ``num_images`` per prompt); image i uses ``seed + i`` (a list of
         seeds is used as given; ``None`` draws a random seed, reported in the output). ``image`` switches to
-        image→image with diffusers' ``strength`` semantics. ``guidance_scale`` ≤ 1 disables classifier-free
-        guidance. ``initial_latents`` (B, C, h, w) replaces the seeded noise and ``prompt_embeds`` = (positive
-        embeds, pooled) replaces the text encoders' output for the positive prompts (used by frame sequences).
+        image→image with diffusers' ``strength`` semantics; ``mask_image`` (the size of ``image``; white = repaint,
+        black = keep; see :func:`mask_to_tensor`) makes it inpainting with the semantics of diffusers'
+        StableDiffusion3InpaintPipeline: after every step the kept latents are reset to the image's, noised to the
+        step's σ (:func:`inpaint_constraint`); the decoded kept pixels are close to, not equal to, the input's.
+        ``guidance_scale`` ≤ 1 disables classifier-free guidance. ``initial_latents`` (B, C, h, w) replaces the
+        seeded noise (also in the inpainting blend) and ``prompt_embeds`` = (positive embeds, pooled) replaces the
+        text encoders' output for the positive prompts (used by frame sequences).
         ``guidance_interval`` (σ_low, σ_high) applies classifier-free guidance only for σ in that range (the model's
         default, else everywhere); the other steps evaluate the positive prompt alone, at half the cost.
         ``skip_guidance_layers`` turns on skip-layer guidance (SD3.5 Medium: [7, 8, 9]) with diffusers' meaning of
@@ -251,12 +321,13 @@ class Pipeline:
                 f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts) // num_images}"
             )
         if image is not None and (height is None or width is None):
-            w, h = image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+            w, h = _image_size(image, "image")
             multiple = self.vae_scale_factor * self.transformer.config.patch_size
             height, width = height or h // multiple * multiple, width or w // multiple * multiple
         height = d.height if height is None else height
         width = d.width if width is None else width
         self._validate(steps, guidance, sampler, flow_temperature, max_sequence_length, num_images, height, width)
+        mask = self._check_mask(image, mask_image, height, width)
         interval = d.guidance_interval if guidance_interval is None else guidance_interval
         interval = _check_interval(interval if interval is not None else (0.0, 1.0))
         skip_layers = self._check_skip_layer_guidance(
@@ -282,14 +353,22 @@ class Pipeline:
         self.transformer.record_routing(routing)
         trajectory = flow.Trajectory() if record_trajectory else None
         try:
-            latents = self._start_latents(
+            latents, clean, noise = self._start_latents(
                 seeds, height, width, image, sigmas, flow_temperature, initial_latents, len(prompts)
             )
+            constraint = inpaint_constraint(mask.to(self.device), clean, noise) if mask is not None else None
             embeds, pooled = self._conditioning(prompts, negatives, guidance, max_sequence_length, prompt_embeds)
             velocity = flow.cfg_velocity(self._model_fn(embeds, pooled, routing), guidance_rule)
             with torch.no_grad():
                 latents = flow.sample(
-                    velocity, latents, sigmas, sampler, dynamic_thresholding_ratio, callback, trajectory
+                    velocity,
+                    latents,
+                    sigmas,
+                    sampler,
+                    dynamic_thresholding_ratio,
+                    callback,
+                    trajectory,
+                    constraint=constraint,
                 )
             images = self.decode_latents(latents)
         finally:
@@ -311,12 +390,15 @@ class Pipeline:
                 "model": self.name,
                 "shift": shift,
                 "strength": strength if image is not None else None,
+                "mask_size": "{}x{}".format(*_image_size(mask_image, "mask_image")) if mask is not None else None,
+                "mask_coverage": round(float(mask.mean()), 4) if mask is not None else None,
                 "flow_temperature": flow_temperature if flow_temperature != 1.0 else None,
                 "dynamic_thresholding_ratio": dynamic_thresholding_ratio,
                 "expert_weights": _jsonable(expert_weights),
                 "router_temperature": router_temperature if router_temperature != 1.0 else None,
                 "max_sequence_length": max_sequence_length if max_sequence_length != 256 else None,
                 "guidance_interval": list(interval) if interval != (0.0, 1.0) else None,
+                "loras": self.loras.metadata(),
                 **_skip_layer_parameters(
                     skip_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop
                 ),
@@ -349,6 +431,31 @@ class Pipeline:
         if not isinstance(num_images, int) or not 1 <= num_images <= 64:
             raise ValueError(f"num_images must be an integer in [1, 64], got {num_images!r}")
         self.check_size(height, width)
+
+    def _check_mask(
+        self,
+        image: Image.Image | np.ndarray | torch.Tensor | None,
+        mask_image: Image.Image | np.ndarray | torch.Tensor | None,
+        height: int,
+        width: int,
+    ) -> torch.Tensor | None:
+        """The latent-size inpainting mask ``(1, 1, height/8, width/8)`` (1 = repaint; diffusers' nearest-neighbour
+        downsampling of :func:`mask_to_tensor`), or None without ``mask_image``. ValueError unless ``image`` is
+        given and has the mask's size."""
+        if mask_image is None:
+            return None
+        if image is None:
+            raise ValueError("mask_image needs image: inpainting repaints the white part of mask_image in image")
+        mask_size, image_size = _image_size(mask_image, "mask_image"), _image_size(image, "image")
+        if mask_size != image_size:
+            raise ValueError(
+                "mask_image must have the size of image: mask_image is {}x{}, image is {}x{}".format(
+                    *mask_size, *image_size
+                )
+            )
+        factor = self.vae_scale_factor
+        mask = mask_to_tensor(mask_image, height, width)
+        return torch.nn.functional.interpolate(mask, size=(height // factor, width // factor))
 
     def _check_skip_layer_guidance(
         self, layers: Sequence[int] | None, scale: float, start: float, stop: float
@@ -401,9 +508,10 @@ class Pipeline:
         flow_temperature: float,
         initial_latents: torch.Tensor | None,
         count: int,
-    ) -> torch.Tensor:
-        """Starting latents: per image, its seed's generator draws the VAE posterior sample (image→image) and then
-        the noise, which is scaled by ``flow_temperature`` and mixed with the clean latent at ``sigmas[0]``."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Starting latents, clean image latents (None without ``image``) and noise, each ``(count, C, h, w)`` on the
+        pipeline's device: per image, its seed's generator draws the VAE posterior sample (image→image) and then the
+        noise, which is scaled by ``flow_temperature`` and mixed with the clean latent at ``sigmas[0]``."""
         factor = self.vae_scale_factor
         shape = (1, self.transformer.config.in_channels, height // factor, width // factor)
         if initial_latents is not None and tuple(initial_latents.shape) != (count, *shape[1:]):
@@ -411,7 +519,7 @@ class Pipeline:
                 f"initial_latents must have shape {(count, *shape[1:])}, got {tuple(initial_latents.shape)}"
             )
         posterior = self.encode_image(image_to_tensor(image, height, width)) if image is not None else None
-        start = []
+        start, cleans, noises = [], [], []
         for i, seed in enumerate(seeds):
             generator = torch.Generator("cpu").manual_seed(seed)
             clean = self.sample_latents(posterior, generator).cpu() if posterior is not None else None
@@ -421,7 +529,10 @@ class Pipeline:
                 noise = torch.randn(shape, generator=generator, dtype=torch.float32)
             noise = noise * flow_temperature
             start.append(noise if clean is None else flow.add_noise(clean, noise, float(sigmas[0])))
-        return torch.cat(start).to(self.device)
+            cleans.append(clean)
+            noises.append(noise)
+        clean_latents = torch.cat(cleans).to(self.device) if posterior is not None else None
+        return torch.cat(start).to(self.device), clean_latents, torch.cat(noises).to(self.device)
 
     def _conditioning(
         self,

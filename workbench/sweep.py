@@ -170,6 +170,7 @@ SETTINGS: dict[str, Setting] = {
     "negative_prompt": Setting("negative_prompt", _text, "neg"),
     "max_sequence_length": Setting("max_sequence_length", _int(1, 512), "msl"),
     "quantization": Setting(None, _choice(QUANTIZATIONS), "q"),
+    "lora_strength": Setting(None, _float(-10, 10), "lora"),
 }
 SETTING_DEFAULTS: dict[str, Any] = {
     "skip_layer_scale": 2.8,
@@ -180,6 +181,7 @@ SETTING_DEFAULTS: dict[str, Any] = {
 }
 GENERAL_KEYS = (
     "model",
+    "lora",
     "device",
     "dtype",
     "height",
@@ -247,6 +249,7 @@ class SweepConfig:
     grids_enabled: bool = True
     batch_size: int = 1
     threads: int | None = 1
+    lora: str | None = None
 
     def varying_axes(self) -> list[str]:
         """Axes with more than one value, in grid order: prompt, seed (not when evaluating), then settings."""
@@ -401,6 +404,11 @@ def parse_config(data: Mapping[str, Any], output_dir: str | Path | None = None) 
     device = data.get("device", "auto")
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", device):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu', got {device!r}")
+    lora = data.get("lora")
+    if lora is not None and (not isinstance(lora, str) or not lora.endswith(".safetensors")):
+        raise ValueError(f"lora must be the path of a .safetensors LoRA file, got {lora!r}")
+    if lora is None and data.get("lora_strength") is not None:
+        raise ValueError(f"lora_strength {data['lora_strength']!r} given without a lora file")
     batch_size = _number("batch_size", data.get("batch_size", 1), 1, 64, True, False) or 1
     threads = _number("threads", data.get("threads", 1), 1, 1024, True, False)
     config = SweepConfig(
@@ -416,6 +424,7 @@ def parse_config(data: Mapping[str, Any], output_dir: str | Path | None = None) 
         evaluate=evaluate,
         batch_size=batch_size,
         threads=threads,
+        lora=lora,
     )
     # quantization first: cells are ordered so that each process loads each model variant at most once
     order = ["quantization"] + [k for k in data if k in SETTINGS and k != "quantization"]
@@ -477,6 +486,10 @@ def cell_id(config: SweepConfig, prompt: str, seed: int, settings: Mapping[str, 
         "width": config.width,
         "dtype": config.dtype,
     }
+    if config.lora is not None:
+        identity["lora"] = config.lora
+    else:
+        identity["settings"].pop("lora_strength", None)  # ids of sweeps without a LoRA stay as they were
     return hashlib.sha1(_canonical(identity).encode()).hexdigest()[:10]
 
 
@@ -599,6 +612,8 @@ class _Models:
             self.pipe = None
             dtype = getattr(torch, self.config.dtype)
             self.pipe = load_pipeline(self.config.model, self.device, dtype, quantization=quantization)
+            if self.config.lora is not None:
+                self.pipe.loras.load(self.config.lora, name="sweep")
             self.key = quantization
             self._check(self.pipe)
         return self.pipe
@@ -629,6 +644,9 @@ def _generate_unit(
 ) -> list[tuple[Cell, Any, dict]]:
     """Generate one batch; returns (cell, image, row) per cell."""
     pipe = models.get(unit[0].settings["quantization"])
+    if config.lora is not None:
+        strength = unit[0].settings["lora_strength"]
+        pipe.loras.set_strength("sweep", 1.0 if strength is None else strength)
     start = time.perf_counter()
     out = pipe(
         [c.prompt for c in unit],

@@ -20,6 +20,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default=None, choices=["int8", "nf4", "fp4"])
     parser.add_argument("--offload", default=None, choices=["model", "sequential"])
     parser.add_argument("--text-encoders-from", default=None, help="diffusers folder with tokenizers (single files)")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="attach a LoRA (.safetensors: diffusers, PEFT or kohya format), strength 1 unless given; repeatable",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +61,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace):
     from workbench import load_pipeline
+    from workbench.lora import parse_lora_spec
 
-    return load_pipeline(
+    specs = [parse_lora_spec(spec) for spec in getattr(args, "lora", [])]
+    pipe = load_pipeline(
         args.model,
         device=args.device,
         dtype=DTYPES[args.dtype],
@@ -63,6 +72,9 @@ def load_from_args(args: argparse.Namespace):
         offload=args.offload,
         text_encoders_from=args.text_encoders_from,
     )
+    for path, strength in specs:
+        pipe.loras.load(path, strength=strength)
+    return pipe
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

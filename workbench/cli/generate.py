@@ -1,4 +1,5 @@
-"""``python -m workbench generate``: one prompt to one PNG, or a prompts file to a folder of PNGs."""
+"""``python -m workbench generate``: one prompt to one PNG, or a prompts file to a folder of PNGs; text→image,
+image→image (``--init-image``) or inpainting (``--init-image`` and ``--mask``, white = repaint)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from workbench.metadata import save_png
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="text→image or image→image to PNG files")
+    parser = subparsers.add_parser("generate", help="text→image, image→image or inpainting to PNG files")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt")
     source.add_argument("--prompts-file", help="one prompt per non-empty line; line i uses seed + i")
     parser.add_argument("--out", default="output.png", help="output PNG (single prompt)")
     parser.add_argument("--out-dir", default="outputs", help="output folder (prompts file): 0000.png, 0001.png, …")
     parser.add_argument("--init-image", default=None, help="image→image: the starting image")
+    parser.add_argument("--mask", default=None, help="inpainting: mask image the size of --init-image, white = repaint")
     parser.add_argument("--strength", type=float, default=0.6)
     add_model_arguments(parser)
     add_sampling_arguments(parser)
@@ -43,11 +45,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--prompts-file {args.prompts_file} holds no non-empty line")
     else:
         prompts = [args.prompt]
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init-image: inpainting repaints the white part of the mask in that image")
     pipe = load_from_args(args)
     kwargs = sampling_kwargs(args)
     image = Image.open(args.init_image).convert("RGB") if args.init_image else None
     if image is not None:
         kwargs.update(image=image, strength=args.strength)
+    if args.mask:
+        kwargs.update(mask_image=Image.open(args.mask))
     steps = kwargs["num_inference_steps"] or pipe.defaults.num_inference_steps
     outputs = []
     for i, prompt in enumerate(tqdm(prompts, desc="images", disable=len(prompts) == 1)):

@@ -1,5 +1,11 @@
-"""Image → Image tab: a start image (uploaded or sent from a gallery), strength, the sampler settings of Text → Image;
-API ``/img2img``."""
+"""Image → Image tab: a start image (uploaded or sent from a gallery), strength, an optional inpainting mask painted
+over a copy of the start image, the sampler settings of Text → Image; API ``/img2img``.
+
+The mask editor (``gr.ImageEditor``) shows the start image as its background; every painted pixel of its brush layers
+(alpha > 0) is repainted, as a white pixel of diffusers' ``mask_image``. With nothing painted a request is plain
+image→image. API callers pass ``mask`` as the editor's value: ``{"background": …, "layers": [RGBA image the size of
+the start image, opaque where to repaint], "composite": …}``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import gradio as gr
+import numpy as np
 from PIL import Image
 
 from workbench.ui.controls import (
@@ -29,6 +36,7 @@ DEFAULT_STRENGTH = 0.6
 @dataclass
 class Img2ImgTab:
     image: gr.Image
+    mask: gr.ImageEditor
     strength: gr.Slider
     controls: SamplingControls
     generate: gr.Button
@@ -42,6 +50,36 @@ def _start_image(image: Image.Image | None) -> Image.Image:
     return image.convert("RGB")
 
 
+def painted_mask(editor: dict | None) -> Image.Image | None:
+    """The inpainting mask painted in the mask editor (its value: ``background``, ``layers``, ``composite``): a
+    grayscale image of the layers' size, white (repaint) wherever a layer has alpha > 0, black elsewhere; None when
+    nothing is painted. Raises ValueError naming ``mask`` when the layers differ in size."""
+    layers = [layer for layer in (editor or {}).get("layers") or [] if layer is not None]
+    painted: np.ndarray | None = None
+    for layer in layers:
+        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
+        if painted is not None and alpha.shape != painted.shape:
+            raise ValueError(f"mask: the painted layers differ in size ({painted.shape[::-1]} and {alpha.shape[::-1]})")
+        painted = alpha if painted is None else painted | alpha
+    if painted is None or not painted.any():
+        return None
+    return Image.fromarray(painted.astype(np.uint8) * 255)
+
+
+def _image_kwargs(image: Image.Image | None, strength: float, mask: dict | None) -> dict:
+    """Pipeline arguments of the start image, strength and the painted mask (none when nothing is painted)."""
+    kwargs = {"image": _start_image(image), "strength": float(strength)}
+    painted = painted_mask(mask)
+    if painted is not None:
+        kwargs["mask_image"] = painted
+    return kwargs
+
+
+def _mask_canvas(image: Image.Image | None) -> dict | None:
+    """The mask editor's value for a new start image: the image as background, nothing painted."""
+    return None if image is None else {"background": image, "layers": [], "composite": image}
+
+
 def api_function(wb: Workbench):
     """The plain ``/img2img`` endpoint: returns (gallery of PNG paths, first seed used, its parameters text)."""
     defaults = sampling_defaults(wb.pipe)
@@ -49,12 +87,17 @@ def api_function(wb: Workbench):
     @GPU
     @sampling_parameters
     def img2img(
-        prompt: str, image: Image.Image | None, strength: float = DEFAULT_STRENGTH, settings: SamplingValues = defaults
+        prompt: str,
+        image: Image.Image | None,
+        strength: float = DEFAULT_STRENGTH,
+        settings: SamplingValues = defaults,
+        mask: dict | None = None,
     ) -> tuple[list[tuple[str, str]], int, str]:
-        """Image → image from ``image`` (resized to width × height) with diffusers' ``strength`` semantics."""
+        """Image → image from ``image`` (resized to width × height) with diffusers' ``strength`` semantics;
+        inpainting where ``mask`` (the mask editor's value, see :func:`painted_mask`) is painted."""
         with page_errors("Image → Image"):
             kwargs = settings.kwargs()
-            kwargs.update(image=_start_image(image), strength=float(strength))
+            kwargs.update(_image_kwargs(image, strength, mask))
             results = publish(wb, wb.generate(prompt, **kwargs), "img2img")
         return gallery_items(results), results[0]["seed"], results[0]["parameters"]
 
@@ -68,6 +111,18 @@ def build(wb: Workbench) -> Img2ImgTab:
             image = gr.Image(
                 label="Start image", type="pil", sources=["upload", "clipboard"], height=256, elem_id="i2i-image"
             )
+            mask = gr.ImageEditor(
+                label="Inpainting mask (optional): paint over what to repaint",
+                type="pil",
+                image_mode="RGBA",
+                sources=(),
+                transforms=(),
+                layers=False,
+                brush=gr.Brush(colors=[("#ff00ff", 0.6)], color_mode="fixed"),
+                format="png",
+                height=256,
+                elem_id="i2i-mask",
+            )
             strength = gr.Slider(0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength (1 = ignore the image)")
             controls = sampling_controls(wb.pipe, "i2i")
             with gr.Row():
@@ -79,14 +134,20 @@ def build(wb: Workbench) -> Img2ImgTab:
     @GPU
     @sampling_parameters
     def run(
-        prompt: str, image: Image.Image | None, strength: float, settings: SamplingValues, request: gr.Request
+        prompt: str,
+        image: Image.Image | None,
+        strength: float,
+        settings: SamplingValues,
+        mask: dict | None,
+        request: gr.Request,
     ) -> Iterator[dict]:
         with page_errors("Image → Image"):
             kwargs = settings.kwargs()
-            kwargs.update(image=_start_image(image), strength=float(strength))
+            kwargs.update(_image_kwargs(image, strength, mask))
             yield from stream_generation(wb, panel, request.session_hash, "img2img", prompt, kwargs)
 
-    inputs = [controls.prompt, image, strength, *controls.settings()]
+    image.change(_mask_canvas, image, mask, queue=False, api_visibility="private")
+    inputs = [controls.prompt, image, strength, *controls.settings(), mask]
     generate.click(run, inputs, panel.stream_outputs(), api_visibility="private", concurrency_id=MODEL_CONCURRENCY)
     stop.click(stop_handler(wb), None, None, queue=False, api_visibility="private")
     gr.on(
@@ -104,4 +165,4 @@ def build(wb: Workbench) -> Img2ImgTab:
         queue=False,
         api_visibility="private",
     )
-    return Img2ImgTab(image, strength, controls, generate, stop, panel)
+    return Img2ImgTab(image, mask, strength, controls, generate, stop, panel)

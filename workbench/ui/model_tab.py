@@ -1,5 +1,6 @@
 """Model tab: load the embedded model, a local diffusers folder or a single-file ``.safetensors`` checkpoint, with
-quantization and offload options; wrong paths show the loader's message in the page."""
+quantization and offload options, and attach LoRAs with a strength; wrong paths show the loader's message in the
+page."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ class ModelTab:
     offload: gr.Dropdown
     load: gr.Button
     info: gr.Markdown
+    lora_path: gr.Textbox
+    lora_strength: gr.Slider
+    lora_attach: gr.Button
+    lora_remove: gr.Button
 
 
 def build(wb: Workbench) -> ModelTab:
@@ -33,7 +38,17 @@ def build(wb: Workbench) -> ModelTab:
         quantization = gr.Dropdown([str(q) for q in QUANTIZATIONS], value="None", label="Quantization")
         offload = gr.Dropdown([str(o) for o in OFFLOADS], value="None", label="Offload")
         load = gr.Button("Load", variant="primary", elem_id="model-load")
-    return ModelTab(path, quantization, offload, load, info)
+    with gr.Row():
+        lora_path = gr.Textbox(
+            label="LoRA",
+            placeholder="a .safetensors LoRA (diffusers, PEFT or kohya format); the same file again sets its strength",
+            elem_id="lora-path",
+            scale=3,
+        )
+        lora_strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA strength", scale=2)
+        lora_attach = gr.Button("Attach LoRA", elem_id="lora-attach", scale=1)
+        lora_remove = gr.Button("Remove LoRAs", elem_id="lora-remove", scale=1)
+    return ModelTab(path, quantization, offload, load, info, lora_path, lora_strength, lora_attach, lora_remove)
 
 
 def wire(tab: ModelTab, wb: Workbench, model_updates: Callable[[bool], dict]) -> None:
@@ -53,3 +68,17 @@ def wire(tab: ModelTab, wb: Workbench, model_updates: Callable[[bool], dict]) ->
         api_visibility="private",
         concurrency_id=MODEL_CONCURRENCY,
     )
+
+    def attach(path: str, strength: float) -> str:
+        with page_errors("Attaching the LoRA"):
+            name = wb.attach_lora(path, strength)
+        gr.Info(f"LoRA {name} attached at strength {strength:g}")
+        return wb.describe()
+
+    def remove() -> str:
+        wb.remove_loras()
+        return wb.describe()
+
+    private = dict(api_visibility="private", concurrency_id=MODEL_CONCURRENCY)
+    tab.lora_attach.click(attach, [tab.lora_path, tab.lora_strength], [tab.info], **private)
+    tab.lora_remove.click(remove, [], [tab.info], **private)

@@ -46,7 +46,8 @@ def expert_settings(params: dict, experts: int) -> tuple[list[float], float, str
     elif weights is not None:
         note = f"Expert weights {weights} do not fit this model's {experts} sliders; they were not set. "
     if params.get("strength") is not None:
-        note += "This image was made with Image → Image from a start image the PNG does not hold. "
+        held = "a start image and an inpainting mask" if params.get("mask_size") else "a start image"
+        note += f"This image was made with Image → Image from {held} the PNG does not hold. "
     if weights is not None or temperature != 1.0:
         note += (
             "This image was made with steered routing: the weights are set in the **Experts** tab; generate there "

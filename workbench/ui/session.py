@@ -133,16 +133,32 @@ class Workbench:
             self.pipe = pipe
         return pipe
 
+    def attach_lora(self, path: str, strength: float = 1.0) -> str:
+        """Attach a LoRA file to the pipeline (again with the same file: new strength); returns its name."""
+        path = (path or "").strip()
+        if not path:
+            raise ValueError("LoRA file: give the path of a .safetensors LoRA")
+        with self.lock:
+            return self.pipe.loras.load(path, strength=strength)
+
+    def remove_loras(self) -> None:
+        with self.lock:
+            self.pipe.loras.remove()
+
     def describe(self) -> str:
-        """Markdown summary of the loaded model."""
+        """Markdown summary of the loaded model and its LoRAs."""
         pipe, d = self.pipe, self.pipe.defaults
         config = pipe.transformer.config
         experts = f"{pipe.num_experts} experts in blocks {list(config.moe_layers)}" if pipe.num_experts else "dense"
-        return (
+        text = (
             f"**{pipe.name}** on `{pipe.device}` ({str(pipe.dtype).replace('torch.', '')}): {config.num_layers} joint "
             f"blocks, {experts}; sizes up to {pipe.max_image_side} px in steps of 16. Defaults: {d.width}×{d.height}, "
             f"{d.num_inference_steps} steps, guidance {d.guidance_scale:g}, shift {d.shift:g}, {d.sampler}."
         )
+        for row in pipe.loras.describe():
+            layers = ", ".join(f"{count} in {component}" for component, count in row["layers"].items())
+            text += f"\n\nLoRA **{row['name']}** × {row['strength']:g}: rank {row['rank']}, {layers} layers"
+        return text
 
     # --------------------------------------------------------------------------------------------- running
 

@@ -1,0 +1,536 @@
+"""LoRA adapters for a loaded pipeline: read, attach, stack, re-weight, remove.
+
+A LoRA holds, per target layer with weight W (out × in), a down matrix A (rank × in) and an up matrix B (out × rank);
+the layer then computes ``W x + strength · (alpha / rank) · B A x``. Adapters attach as forward hooks that add the
+low-rank term to the layer's output, so they work on every kind of layer a pipeline may hold — float, oneDNN-packed,
+int8 or 4-bit, offloaded — stack, and change strength without reloading; the base weights and ``state_dict`` are
+untouched, and removing an adapter restores the exact base model.
+
+Formats (safetensors only; detected from the keys):
+
+- diffusers / PEFT, as ``StableDiffusion3Pipeline.save_lora_weights`` writes them:
+  ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` / ``lora_B.weight``; text encoders under
+  ``text_encoder.`` (CLIP-L), ``text_encoder_2.`` (CLIP-G), ``text_encoder_3.`` (T5); a bare PEFT file under
+  ``base_model.model.``. alpha comes from the file's ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``,
+  ``use_rslora``) or a ``.alpha`` tensor, else equals the rank (diffusers' rule).
+- kohya sd-scripts / ComfyUI: ``lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight`` / ``lora_up.weight`` /
+  ``alpha`` in the original MMDiT names (a fused q/k/v delta is split by rows onto ``to_q``, ``to_k``, ``to_v``),
+  ``lora_transformer_<diffusers name>``, and ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_`` for the text encoders.
+- original names with dots (``diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight``).
+
+Entry point: ``pipe.loras`` (a :class:`LoRASet`): ``pipe.loras.load("style.safetensors", strength=0.8)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+if TYPE_CHECKING:
+    from workbench.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("transformer", "clip_l", "clip_g", "t5")
+"""Where a LoRA layer can sit: the MMDiT and the three text-encoder slots."""
+
+COMPONENT_TITLES = {
+    "transformer": "transformer",
+    "clip_l": "text_encoder (CLIP-L)",
+    "clip_g": "text_encoder_2 (CLIP-G)",
+    "t5": "text_encoder_3 (T5)",
+}
+_DOTTED_PREFIXES = {
+    "transformer.": "transformer",
+    "base_model.model.": "transformer",
+    "text_encoder.": "clip_l",
+    "text_encoder_2.": "clip_g",
+    "text_encoder_3.": "t5",
+}
+_UNDERSCORED_PREFIXES = {
+    "lora_unet_": "transformer",
+    "lora_transformer_": "transformer",
+    "lora_te1_": "clip_l",
+    "lora_te2_": "clip_g",
+    "lora_te3_": "t5",
+    "lora_te_": "clip_l",
+}
+_ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_METADATA_PREFIXES = {"transformer": "transformer", "clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+
+_KEY = re.compile(
+    r"^(?P<stem>.+?)\.(?:(?P<down>lora_A|lora_down|lora\.down)|(?P<up>lora_B|lora_up|lora\.up))"
+    r"(?:\.[A-Za-z_]\w*)?\.weight$"
+)
+
+
+class LoRAFormatError(ValueError):
+    """A LoRA file or state dict that cannot be applied to this model; the message names the file and key."""
+
+
+@dataclass
+class LoRALayer:
+    """One low-rank delta ``ΔW = scale · up @ down``.
+
+    Linear: ``down`` (rank, in), ``up`` (out, rank). Convolution (the patch embedding): ``down`` (rank, in, k, k),
+    ``up`` (out, rank, 1, 1), applied with the base layer's stride and padding. ``scale`` is alpha / rank (alpha /
+    √rank for rank-stabilised LoRA).
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    _cast: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down, up)`` on ``like``'s device and in its dtype (cached per device and dtype unless trainable)."""
+        if self.down.requires_grad or self.up.requires_grad:
+            return self.down.to(like.device, like.dtype), self.up.to(like.device, like.dtype)
+        key = (like.device, like.dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.down.to(like.device, like.dtype), self.up.to(like.device, like.dtype))
+        return self._cast[key]
+
+    def delta(self) -> torch.Tensor:
+        """The full weight delta ``(out, in)`` (or ``(out, in, k, k)``) in float32, scale included."""
+        down, up = self.down.float(), self.up.float()
+        if down.dim() == 4:
+            return self.scale * torch.einsum("or,rikl->oikl", up.flatten(1), down)
+        return self.scale * (up @ down)
+
+    def output(self, module: nn.Module, x: torch.Tensor, strength: float) -> torch.Tensor:
+        """The term this layer adds to ``module(x)``."""
+        down, up = self.weights(x)
+        if down.dim() == 4:
+            hidden = F.conv2d(x, down, stride=module.stride, padding=module.padding)
+            return F.conv2d(hidden, up) * (strength * self.scale)
+        return F.linear(F.linear(x, down), up) * (strength * self.scale)
+
+
+@dataclass
+class LoRA:
+    """A parsed LoRA: ``layers[(component, module name)]`` in this model's module names."""
+
+    name: str
+    layers: dict[tuple[str, str], LoRALayer]
+    source: str = "<state dict>"
+    sha256: str | None = None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        return max((layer.rank for layer in self.layers.values()), default=0)
+
+    def components(self) -> tuple[str, ...]:
+        return tuple(c for c in COMPONENTS if any(component == c for component, _ in self.layers))
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """Tensors, header metadata and sha256 of a ``.safetensors`` LoRA; pickles and broken files raise
+    :class:`workbench.loading.ModelFormatError` naming the file."""
+    from workbench.loading import read_safetensors
+
+    path = Path(path)
+    tensors = read_safetensors(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return tensors, metadata, digest.hexdigest()
+
+
+@dataclass
+class _Group:
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+
+
+def _group_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, _Group]:
+    groups: dict[str, _Group] = {}
+    for key, tensor in tensors.items():
+        if "dora_scale" in key or "lora_magnitude_vector" in key:
+            raise LoRAFormatError(f"{source}: {key!r} is a DoRA tensor; DoRA adapters are not supported, only LoRA")
+        if key.endswith(".alpha"):
+            groups.setdefault(key[: -len(".alpha")], _Group()).alpha = float(tensor.float().item())
+            continue
+        match = _KEY.match(key)
+        if match is None:
+            raise LoRAFormatError(
+                f"{source}: unexpected key {key!r}; a LoRA holds <module>.lora_A.weight / lora_B.weight (diffusers, "
+                "PEFT), <module>.lora_down.weight / lora_up.weight / alpha (kohya, ComfyUI)"
+            )
+        group = groups.setdefault(match["stem"], _Group())
+        if match["down"]:
+            group.down = tensor
+        else:
+            group.up = tensor
+    for stem, group in groups.items():
+        if group.down is None or group.up is None:
+            part = "down (lora_A)" if group.down is None else "up (lora_B)"
+            raise LoRAFormatError(f"{source}: module {stem!r} has no {part} matrix")
+        if group.down.shape[0] != group.up.shape[1]:
+            raise LoRAFormatError(
+                f"{source}: module {stem!r} has down {tuple(group.down.shape)} and up {tuple(group.up.shape)}: "
+                "their ranks differ"
+            )
+    return groups
+
+
+def _metadata_alphas(metadata: dict[str, str], source: str) -> dict[str, dict]:
+    """Per component, PEFT's ``LoraConfig`` fields stored by diffusers (``lora_alpha``, ``alpha_pattern``, …)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise LoRAFormatError(f"{source}: lora_adapter_metadata is not valid JSON: {err}") from err
+    out: dict[str, dict] = {}
+    for component, prefix in _METADATA_PREFIXES.items():
+        fields = {k[len(prefix) + 1 :]: v for k, v in config.items() if k.startswith(prefix + ".")}
+        if fields:
+            out[component] = fields
+    if not out and "lora_alpha" in config:
+        out["transformer"] = config
+    return out
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _scale(group: _Group, component: str, module: str, configs: dict[str, dict]) -> float:
+    rank = int(group.down.shape[0])
+    config = configs.get(component, {})
+    alpha = group.alpha
+    if alpha is None:
+        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
+    return float(alpha) / (rank**0.5 if config.get("use_rslora") else rank)
+
+
+# ------------------------------------------------------------------------------------------------------ resolving
+
+
+@dataclass(frozen=True)
+class _Target:
+    component: str
+    module: str
+    chunk: int = 0
+    chunks: int = 1
+    swap_halves: bool = False
+
+
+class _Names:
+    """The module names of one pipeline, for turning a LoRA's keys into (component, module) targets."""
+
+    def __init__(self, modules: dict[str, nn.Module | None]) -> None:
+        from workbench.loading import original_module_map
+
+        self.modules = {c: dict(m.named_modules()) if m is not None else None for c, m in modules.items()}
+        self.underscored = {
+            c: {name.replace(".", "_"): name for name in names} if names is not None else None
+            for c, names in self.modules.items()
+        }
+        transformer = modules["transformer"]
+        depth = transformer.config.num_layers if hasattr(transformer, "config") else 0
+        self.original = original_module_map(depth)
+        self.original_underscored = {name.replace(".", "_"): name for name in self.original}
+
+    def has(self, component: str, module: str) -> bool:
+        names = self.modules[component]
+        return names is not None and (module in names or _fused_gelu_parent(names, module) is not None)
+
+    def _original(self, name: str) -> list[_Target] | None:
+        if name not in self.original:
+            return None
+        targets, swap = self.original[name]
+        return [_Target("transformer", t, i, len(targets), swap) for i, t in enumerate(targets)]
+
+    def resolve(self, stem: str) -> list[_Target] | None:
+        for prefix in _ORIGINAL_PREFIXES:
+            if stem.startswith(prefix):
+                return self._original(stem[len(prefix) :])
+        for prefix, component in _DOTTED_PREFIXES.items():
+            if stem.startswith(prefix):
+                return [_Target(component, stem[len(prefix) :])]
+        for prefix, component in _UNDERSCORED_PREFIXES.items():
+            if stem.startswith(prefix):
+                rest = stem[len(prefix) :]
+                if component == "transformer" and rest in self.original_underscored:
+                    return self._original(self.original_underscored[rest])
+                names = self.underscored[component]
+                return [_Target(component, names.get(rest, rest) if names is not None else rest)]
+        if stem in self.original:
+            return self._original(stem)
+        return [_Target("transformer", stem)]
+
+
+def _fused_gelu_parent(names: dict[str, nn.Module], module: str) -> nn.Module | None:
+    """The oneDNN linear that absorbed ``module`` (``….net.0.proj`` fused with its GELU into ``….net.0``)."""
+    from workbench.memory import PackedLinear
+
+    parent, _, leaf = module.rpartition(".")
+    candidate = names.get(parent)
+    return candidate if leaf == "proj" and isinstance(candidate, PackedLinear) and candidate.gelu else None
+
+
+def _features(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of a linear-like layer, (out, in) channels of a convolution, else None."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels, module.in_channels
+    out_features, in_features = getattr(module, "out_features", None), getattr(module, "in_features", None)
+    if out_features is None or in_features is None:
+        return None
+    return int(out_features), int(in_features)
+
+
+def parse_lora(
+    tensors: dict[str, torch.Tensor],
+    modules: dict[str, nn.Module | None],
+    *,
+    metadata: dict[str, str] | None = None,
+    name: str = "lora",
+    source: str = "<state dict>",
+    sha256: str | None = None,
+) -> LoRA:
+    """Turn a LoRA state dict into :class:`LoRA` layers for ``modules`` (``{"transformer": MMDiT, "clip_l": …}``;
+    None for an absent encoder). Raises :class:`LoRAFormatError` naming the key when a key matches no module of
+    the model or a shape disagrees; layers for an absent text encoder are skipped with a warning."""
+    groups = _group_keys(tensors, source)
+    if not groups:
+        raise LoRAFormatError(f"{source}: holds no LoRA tensors")
+    configs = _metadata_alphas(metadata or {}, source)
+    names = _Names(modules)
+    layers: dict[tuple[str, str], LoRALayer] = {}
+    skipped: list[str] = []
+    for stem, group in groups.items():
+        targets = names.resolve(stem)
+        if targets is None or not all(names.has(t.component, t.module) for t in targets):
+            component = targets[0].component if targets else "transformer"
+            if names.modules[component] is None:
+                skipped.append(stem)
+                continue
+            raise LoRAFormatError(
+                f"{source}: LoRA module {stem!r} matches no layer of this model's {COMPONENT_TITLES[component]} "
+                "(a LoRA for another model family or size?)"
+            )
+        up = group.up
+        if targets[0].swap_halves:
+            up = torch.cat(up.chunk(2, dim=0)[::-1], dim=0)
+        ups = up.chunk(targets[0].chunks, dim=0) if targets[0].chunks > 1 else (up,)
+        for target, part in zip(targets, ups):
+            module = names.modules[target.component].get(target.module)
+            if module is None:
+                module = _fused_gelu_parent(names.modules[target.component], target.module)
+            shape = _features(module)
+            if shape is None:
+                raise LoRAFormatError(
+                    f"{source}: LoRA module {stem!r} targets {target.module} ({type(module).__name__}), which is "
+                    "not a linear or convolution layer"
+                )
+            if (part.shape[0], group.down.shape[1]) != shape or part.shape[0] * target.chunks != up.shape[0]:
+                raise LoRAFormatError(
+                    f"{source}: LoRA module {stem!r} maps {group.down.shape[1]} → {up.shape[0]} features but "
+                    f"{target.module} maps {shape[1]} → {shape[0] * target.chunks} (a LoRA for another model size?)"
+                )
+            scale = _scale(group, target.component, target.module, configs)
+            layers[(target.component, target.module)] = LoRALayer(group.down.float(), part.float(), scale)
+    if skipped:
+        logger.warning(
+            "%s: %d LoRA layers target a text encoder this model does not have; skipped", source, len(skipped)
+        )
+    return LoRA(name, layers, source, sha256, tuple(skipped))
+
+
+# ------------------------------------------------------------------------------------------------------ attaching
+
+
+class _HookedModule:
+    """The adapters on one layer and the forward hook that adds their outputs."""
+
+    def __init__(self, owner: LoRASet, module: nn.Module) -> None:
+        self.adapters: dict[str, LoRALayer] = {}
+        self.handle = module.register_forward_hook(self._hook)
+        self.owner = owner
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        for name, layer in self.adapters.items():
+            strength = self.owner.strengths[name]
+            if strength:
+                output = output + layer.output(module, x, strength).to(output.dtype)
+        return output
+
+
+class LoRASet:
+    """The LoRAs attached to one pipeline, by name, each with a strength (``pipe.loras``).
+
+    >>> pipe.loras.load("style.safetensors", strength=0.8)     # returns the name, here "style"
+    >>> pipe.loras.set_strength("style", 0.5)                  # next calls use 0.5; no reload
+    >>> pipe.loras.remove("style")                             # base model restored exactly
+    """
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self._pipe = pipe
+        self.loaded: dict[str, LoRA] = {}
+        self.strengths: dict[str, float] = {}
+        self._hooks: dict[tuple[str, str], _HookedModule] = {}
+
+    def _modules(self) -> dict[str, nn.Module | None]:
+        text = self._pipe.text_encoders
+        return {"transformer": self._pipe.transformer, **{c: getattr(text, c, None) for c in COMPONENTS[1:]}}
+
+    def __len__(self) -> int:
+        return len(self.loaded)
+
+    @property
+    def active(self) -> dict[str, float]:
+        """Name → strength of every attached LoRA."""
+        return dict(self.strengths)
+
+    def load(
+        self,
+        source: str | Path | dict[str, torch.Tensor],
+        strength: float = 1.0,
+        name: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> str:
+        """Attach a LoRA from a ``.safetensors`` file or a state dict; returns its name (the file's stem unless
+        ``name`` is given). Loading a name again replaces that LoRA."""
+        strength = _check_strength(strength)
+        if isinstance(source, dict):
+            tensors, digest, label = source, None, "<state dict>"
+            name = name or f"lora{len(self.loaded)}"
+        else:
+            path = Path(source)
+            tensors, file_metadata, digest = read_lora_file(path)
+            metadata = {**file_metadata, **(metadata or {})}
+            label, name = str(path), name or path.stem
+        lora = parse_lora(tensors, self._modules(), metadata=metadata, name=name, source=label, sha256=digest)
+        self.attach(lora, strength)
+        return name
+
+    def attach(self, lora: LoRA, strength: float = 1.0) -> None:
+        """Attach an already parsed (or freshly built, trainable) :class:`LoRA` under ``lora.name``."""
+        strength = _check_strength(strength)
+        if lora.name in self.loaded:
+            self.remove(lora.name)
+        self.strengths[lora.name] = strength
+        self.loaded[lora.name] = lora
+        for (component, module_name), layer in lora.layers.items():
+            self._hooked(component, module_name).adapters[lora.name] = layer
+
+    def _hooked(self, component: str, module_name: str) -> _HookedModule:
+        key = (component, module_name)
+        if key not in self._hooks:
+            root = self._modules()[component]
+            names = dict(root.named_modules())
+            module = names.get(module_name)
+            if module is None:
+                module = _unfuse_gelu(root, module_name.rpartition(".")[0])
+            self._hooks[key] = _HookedModule(self, module)
+        return self._hooks[key]
+
+    def set_strength(self, name: str, strength: float) -> None:
+        """Change one LoRA's strength (0 turns it off without removing it)."""
+        if name not in self.loaded:
+            raise KeyError(f"no LoRA named {name!r}; loaded: {sorted(self.loaded) or 'none'}")
+        self.strengths[name] = _check_strength(strength)
+
+    def remove(self, name: str | None = None) -> None:
+        """Detach one LoRA, or all with ``name=None``."""
+        names = list(self.loaded) if name is None else [name]
+        for item in names:
+            if item not in self.loaded:
+                raise KeyError(f"no LoRA named {item!r}; loaded: {sorted(self.loaded) or 'none'}")
+            for key in self.loaded.pop(item).layers:
+                hooked = self._hooks[key]
+                hooked.adapters.pop(item, None)
+                if not hooked.adapters:
+                    hooked.handle.remove()
+                    del self._hooks[key]
+            del self.strengths[item]
+
+    def metadata(self) -> str | None:
+        """``"name:strength:hash, …"`` for the PNG parameters (hash: the file's sha256, first 10 digits)."""
+        if not self.loaded:
+            return None
+        items = []
+        for name, lora in self.loaded.items():
+            digest = f":{lora.sha256[:10]}" if lora.sha256 else ""
+            items.append(f"{name}:{self.strengths[name]:g}{digest}")
+        return ", ".join(items)
+
+    def describe(self) -> list[dict]:
+        """One row per LoRA: name, strength, rank, layers per component, source, sha256 prefix."""
+        rows = []
+        for name, lora in self.loaded.items():
+            counts = {c: sum(1 for comp, _ in lora.layers if comp == c) for c in lora.components()}
+            rows.append(
+                {
+                    "name": name,
+                    "strength": self.strengths[name],
+                    "rank": lora.rank,
+                    "layers": counts,
+                    "skipped": len(lora.skipped),
+                    "source": lora.source,
+                    "sha256": lora.sha256[:10] if lora.sha256 else None,
+                }
+            )
+        return rows
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """``"style.safetensors:0.8"`` → (path, 0.8); without ``:STRENGTH`` the strength is 1."""
+    path, _, tail = spec.rpartition(":")
+    try:
+        strength = float(tail) if path else 1.0
+    except ValueError:
+        path, strength = "", 1.0
+    return Path(path or spec), _check_strength(strength)
+
+
+def _check_strength(strength: float) -> float:
+    value = float(strength)
+    if not (-10.0 <= value <= 10.0):
+        raise ValueError(f"LoRA strength must be within [-10, 10], got {strength!r}")
+    return value
+
+
+def _unfuse_gelu(root: nn.Module, name: str) -> nn.Module:
+    """Split a oneDNN linear with fused GELU back into GELU(linear(x)) so a hook can reach the linear's output;
+    returns that linear."""
+    from workbench.memory import PackedLinear
+    from workbench.models.moe import GELUProjection
+
+    fused = root.get_submodule(name)
+    if not (isinstance(fused, PackedLinear) and fused.gelu):
+        raise LoRAFormatError(f"{name}.proj: no such layer to attach a LoRA to")
+    with torch.device("meta"):
+        replacement = GELUProjection(fused.in_features, fused.out_features)
+    replacement.proj = PackedLinear(fused.dense())
+    root.set_submodule(name, replacement)
+    return replacement.proj
