@@ -228,6 +228,7 @@ def test_command_line_lora_option(ours, tiny_sd3_folder, tmp_path, capsys):
     common += ["--height", "32", "--width", "32", "--max-sequence-length", "32"]
     assert main(common + ["--lora", f"{file}:0.7", "--out", str(tmp_path / "lora.png")]) == 0
     assert main(common + ["--out", str(tmp_path / "plain.png")]) == 0
+    assert main(common + ["--lora", f"{file}:0.7", "--fuse-loras", "--out", str(tmp_path / "fused.png")]) == 0
     ours.loras.load(file, strength=0.7)
     try:
         expected = _image(ours)
@@ -237,6 +238,7 @@ def test_command_line_lora_option(ours, tiny_sd3_folder, tmp_path, capsys):
 
     assert np.array_equal(_pixels(Image.open(tmp_path / "lora.png").convert("RGB")), expected)
     assert not np.array_equal(_pixels(Image.open(tmp_path / "plain.png").convert("RGB")), expected)
+    assert np.abs(_pixels(Image.open(tmp_path / "fused.png").convert("RGB")) - expected).max() <= 1
     assert main(common + ["--lora", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors: file not found" in capsys.readouterr().err
     assert parse_lora_spec("C:/loras/a.safetensors") == (Path("C:/loras/a.safetensors"), 1.0)
@@ -293,3 +295,35 @@ def test_sweep_lora_strength_axis(ours, tiny_sd3_folder, tmp_path):
         sweep.parse_config({**data, "lora_strength": 0.5})
     with pytest.raises(ValueError, match="lora must be the path of a .safetensors LoRA file, got 'style.pt'"):
         sweep.parse_config({**data, "lora": "style.pt"})
+
+
+def test_fuse_bakes_the_loras_in_and_unfuse_restores(tiny_sd3_folder, tmp_path):
+    folder, _ = tiny_sd3_folder
+    file = _save(_diffusers_lora(load_pipeline(folder)), tmp_path / "style.safetensors")
+    for options in ({}, {"dtype": torch.bfloat16}):
+        pipe = load_pipeline(folder, **options)
+        weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+        base = _image(pipe)
+        pipe.loras.load(file, strength=0.7)
+        hooked = _image(pipe)
+        effect = np.abs(hooked - base).mean()
+
+        def close(a, b, exact=not options, effect=effect):  # float32: rounding; bfloat16: small against the LoRA
+            return np.abs(a - b).max() <= 1 if exact else np.abs(a - b).mean() < 0.1 * effect
+
+        pipe.loras.fuse()
+        assert close(_image(pipe), hooked), options
+        pipe.loras.set_strength("style", 0.0)  # stays fused, at the new strength
+        assert pipe.loras.fused and close(_image(pipe), base), options
+        pipe.loras.set_strength("style", 0.7)
+        pipe.loras.unfuse()
+        assert close(_image(pipe), hooked), options
+        pipe.loras.remove()
+        for key, value in pipe.transformer.state_dict().items():
+            tolerance = 1e-6 if not options else 2e-2
+            assert torch.allclose(value.float(), weights[key].float(), atol=tolerance), (options, key)
+    quantized = load_pipeline(folder, quantization="int8", int8_backend="weight_only")
+    quantized.loras.load(file)
+    with pytest.raises(ValueError, match="cannot fuse LoRAs into quantized layers"):
+        quantized.loras.fuse()
+    assert not quantized.loras.fused

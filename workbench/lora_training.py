@@ -215,7 +215,8 @@ def train_lora(
         t = _shifted_times(len(rows), pipe.defaults.shift, generator)
         noise = torch.randn(x0.shape, generator=generator)
         x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-        prediction = pipe.transformer(x_t.to(pipe.device, pipe.dtype), embeds[text], pooled[text], t * 1000)
+        timestep = (t * 1000).to(pipe.device)
+        prediction = pipe.transformer(x_t.to(pipe.device, pipe.dtype), embeds[text], pooled[text], timestep)
         loss = (prediction.float() - (noise - x0).to(prediction.device)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

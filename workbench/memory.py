@@ -494,6 +494,14 @@ class PackedLinear(nn.Module):
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return out[:rows]
 
+    def add_to_weight(self, delta: torch.Tensor) -> None:
+        """``W += delta`` (``delta`` (out, in), any float dtype), repacking the weight."""
+        weight = (self.weight.float() + delta.float().to(self.weight.device)).to(self.dtype)
+        if self.packed is None:
+            self.unpacked = weight
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 2048)
+
     def dense(self) -> nn.Linear:
         """The equivalent ``nn.Linear``."""
         with torch.device("meta"):

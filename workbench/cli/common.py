@@ -27,6 +27,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE[:STRENGTH]",
         help="attach a LoRA (.safetensors: diffusers, PEFT or kohya format), strength 1 unless given; repeatable",
     )
+    parser.add_argument(
+        "--fuse-loras", action="store_true", help="add the LoRAs into the weights (no per-step cost; float weights)"
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +77,8 @@ def load_from_args(args: argparse.Namespace):
     )
     for path, strength in specs:
         pipe.loras.load(path, strength=strength)
+    if getattr(args, "fuse_loras", False):
+        pipe.loras.fuse()
     return pipe
 
 
