@@ -172,14 +172,16 @@ def test_stacking_strength_zero_and_metadata(ours, tmp_path):
 
 
 def test_lora_on_int8_and_packed_bfloat16_bases(tiny_sd3_folder, tmp_path):
-    """Hooks reach quantized layers and oneDNN-packed ones, including a feed-forward linear fused with its GELU."""
+    """Hooks reach quantized layers and oneDNN-packed ones (including a feed-forward linear fused with its GELU),
+    and work under sequential offload."""
     folder, _ = tiny_sd3_folder
     full = load_pipeline(folder)
     tensors = _diffusers_lora(full)
     file = _save(tensors, tmp_path / "style.safetensors")
     full.loras.load(file)
     expected = _image(full)
-    for options in (dict(quantization="int8", int8_backend="weight_only"), dict(dtype=torch.bfloat16)):
+    variants = (dict(quantization="int8", int8_backend="weight_only"), dict(dtype=torch.bfloat16))
+    for options in (*variants, dict(offload="sequential")):
         other = load_pipeline(folder, **options)
         base = _image(other)
         other.loras.load(file)
