@@ -329,3 +329,19 @@ def test_fuse_bakes_the_loras_in_and_unfuse_restores(tiny_sd3_folder, tmp_path):
     with pytest.raises(ValueError, match="cannot fuse LoRAs into quantized layers"):
         quantized.loras.fuse()
     assert not quantized.loras.fused
+
+
+def test_shapesworld_eval_takes_a_lora(tmp_path):
+    from workbench.shapesworld.__main__ import main
+
+    modules = dict(load_pipeline().transformer.named_modules())
+    shapes = {}
+    for name in ("attn.to_q", "attn.to_k", "attn.add_v_proj"):
+        module = modules[f"transformer_blocks.0.{name}"]
+        shapes[f"transformer.transformer_blocks.0.{name}"] = (module.out_features, module.in_features)
+    file = _save(_random_lora(shapes, seed=4, std=1.0), tmp_path / "noise.safetensors")
+    args = ["eval", "--n", "2", "--size", "96", "--steps", "3", "--records"]
+    assert main(args + [str(tmp_path / "plain.jsonl")]) == 0
+    assert main(args + [str(tmp_path / "lora.jsonl"), "--lora", f"{file}:1.5"]) == 0
+    plain, lora = ((tmp_path / f"{n}.jsonl").read_text() for n in ("plain", "lora"))
+    assert plain != lora

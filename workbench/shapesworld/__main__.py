@@ -78,6 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from workbench import load_pipeline
+    from workbench.lora import parse_lora_spec
     from workbench.pipeline import parse_block_list
     from workbench.shapesworld.evaluate import evaluate, format_table
     from workbench.shapesworld.failures import format_breakdown
@@ -90,6 +91,9 @@ def _eval(args: argparse.Namespace) -> int:
         quantize_modulation=not args.keep_modulation,
         int8_backend=args.int8_backend,
     )
+    for spec in args.lora:
+        path, strength = parse_lora_spec(spec)
+        pipe.loras.load(path, strength=strength)
     settings = dict(
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
@@ -227,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
     ev.add_argument("--skip-layers", default=None, help="skip-layer guidance blocks, e.g. 2,3")
+    ev.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="attach a LoRA; repeatable")
     ev.add_argument("--breakdown", action="store_true", help="also print where it fails (per shape, size, reason)")
     ev.add_argument("--records", default=None, help="write each caption's scores and reading to this JSONL file")
     ev.set_defaults(run_command=_eval)
