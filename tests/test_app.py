@@ -166,6 +166,9 @@ def test_img2img_handler_inpaints_only_the_painted_region(served, client, tmp_pa
     outside[:80, :80] = False  # a margin around the painted 64 × 64 corner
     inside_change, outside_change = change[:64, :64].mean(), change[outside].mean()
     assert inside_change > 40 and outside_change < 16, (inside_change, outside_change)
+    assert change[outside].max() == 0  # pasted back (the default), exact away from the feathered edge
+    unpasted, _, _ = handler(PROMPT, start, mask={"layers": [layer]}, paste_back=False, **common)
+    assert np.abs(pixels(unpasted[0][0]).astype(int) - np.asarray(start, dtype=int))[outside].max() > 0
     start.save(tmp_path / "start.png")
     layer.save(tmp_path / "layer.png")
     mask = {"background": None, "layers": [handle_file(tmp_path / "layer.png")], "composite": None}

@@ -66,6 +66,14 @@ def test_generate_inpainting_repaints_the_masked_part(tiny_sd3_folder, tmp_path)
     assert main(args + ["--out", str(tmp_path / "plain.png")]) == 0
     plain, out = (np.asarray(Image.open(tmp_path / name), dtype=np.int16) for name in ("plain.png", "out.png"))
     assert np.abs(plain - out).max() > 20
+    assert (
+        main(args + ["--mask", str(tmp_path / "mask.png"), "--mask-blur", "0", "--out", str(tmp_path / "kept.png")])
+        == 0
+    )
+    kept, start = (np.asarray(Image.open(tmp_path / n).convert("RGB"), dtype=np.int16) for n in ("kept.png", "in.png"))
+    assert np.array_equal(kept[16:], start[16:]) and np.array_equal(kept[:16, :24], out[:16, :24])
+    assert read_parameters(tmp_path / "kept.png")["mask_blur"] == 0
+    assert main(args + ["--mask-blur", "4", "--out", str(tmp_path / "x.png")]) == 2
 
 
 def test_mask_without_init_image_or_of_another_size_is_a_message(tiny_sd3_folder, tmp_path, capsys):

@@ -158,9 +158,33 @@ def test_constraint_runs_after_each_step_before_the_callback():
         (dict(image=Image.new("RGB", (32, 32)), mask_image=torch.ones(2, 1, 32, 32)), "mask_image tensors must be"),
         (dict(image=Image.new("RGB", (32, 32)), mask_image=np.ones((32, 32), np.int64)), "mask_image arrays must be"),
         (dict(image=Image.new("RGB", (32, 32)), mask_image="mask.png"), "mask_image must be a PIL image"),
+        (dict(image=Image.new("RGB", (32, 32)), mask_blur=4), "mask_blur must be .* needs mask_image, got 4"),
+        (
+            dict(image=Image.new("RGB", (32, 32)), mask_image=Image.new("L", (32, 32)), mask_blur=-1),
+            r"mask_blur must be a radius in \[0, 64\] px and needs mask_image, got -1",
+        ),
     ],
 )
 def test_bad_masks_name_the_parameter(pipes, kwargs, match):
     ours, _ = pipes
     with pytest.raises(ValueError, match=match):
         ours(PROMPT, height=32, width=32, num_inference_steps=2, **kwargs)
+
+
+def test_mask_blur_pastes_the_start_image_back_outside_the_mask(pipes):
+    ours, _ = pipes
+    start, mask = _start(), _box_mask((64, 64), (16, 16, 48, 48))
+    kwargs = dict(image=start, mask_image=mask, strength=0.9, num_inference_steps=3, guidance_scale=2.0, seed=1)
+    plain = _pixels(ours(PROMPT, **kwargs).images[0])
+    hard = ours(PROMPT, mask_blur=0, **kwargs)
+    soft = _pixels(ours(PROMPT, mask_blur=4, **kwargs).images[0])
+    pasted, original = _pixels(hard.images[0]), _pixels(start)
+    inside = np.zeros((64, 64), bool)
+    inside[16:48, 16:48] = True
+    assert np.array_equal(pasted[~inside], original[~inside])  # kept pixels are exactly the start image's
+    assert np.array_equal(pasted[inside], plain[inside])  # the repainted ones are the generation's
+    assert np.abs(plain[~inside] - original[~inside]).mean() > 5  # without paste-back they are not
+    far = np.ones((64, 64), bool)
+    far[4:60, 4:60] = False
+    assert np.array_equal(soft[far], original[far]) and not np.array_equal(soft, pasted)  # feathered edge
+    assert parse_parameters(hard.images[0].info["parameters"])["mask_blur"] == 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from workbench import flow
 from workbench.lora import LoRASet
@@ -154,6 +154,25 @@ def inpaint_constraint(mask: torch.Tensor, clean: torch.Tensor, noise: torch.Ten
     return constrain
 
 
+def paste_back(
+    images: list[Image.Image], image: Image.Image | np.ndarray | torch.Tensor, mask: torch.Tensor, blur: float
+) -> list[Image.Image]:
+    """Composite each generated image over the start image: ``start·(1 − a) + generated·a`` with ``a`` the pixel
+    mask ``(1, 1, H, W)`` (1 = repainted) feathered by a Gaussian blur of radius ``blur`` px (0: a hard edge), so
+    the kept pixels are exactly the start image's away from the mask (A1111's inpainting composite)."""
+    height, width = mask.shape[-2:]
+    start = ((image_to_tensor(image, height, width)[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
+    alpha = Image.fromarray((mask[0, 0].numpy() * 255).astype(np.uint8))
+    if blur > 0:
+        alpha = alpha.filter(ImageFilter.GaussianBlur(blur))
+    a = (np.asarray(alpha, dtype=np.float32) / 255.0)[..., None]
+    out = []
+    for generated in images:
+        mixed = start * (1 - a) + np.asarray(generated, dtype=np.float32) / 255.0 * a
+        out.append(Image.fromarray((mixed * 255).round().clip(0, 255).astype(np.uint8)))
+    return out
+
+
 def tensor_to_images(decoded: torch.Tensor) -> list[Image.Image]:
     """Decoded VAE output ``(B, 3, H, W)`` in [-1, 1] → PIL images (diffusers' rounding)."""
     array = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
@@ -269,6 +288,7 @@ class Pipeline:
         image: Image.Image | torch.Tensor | None = None,
         strength: float = 0.6,
         mask_image: Image.Image | np.ndarray | torch.Tensor | None = None,
+        mask_blur: float | None = None,
         sampler: str | None = None,
         expert_weights: Sequence[float] | dict[int, Sequence[float]] | None = None,
         router_temperature: float = 1.0,
@@ -294,7 +314,9 @@ class Pipeline:
         image→image with diffusers' ``strength`` semantics; ``mask_image`` (the size of ``image``; white = repaint,
         black = keep; see :func:`mask_to_tensor`) makes it inpainting with the semantics of diffusers'
         StableDiffusion3InpaintPipeline: after every step the kept latents are reset to the image's, noised to the
-        step's σ (:func:`inpaint_constraint`); the decoded kept pixels are close to, not equal to, the input's.
+        step's σ (:func:`inpaint_constraint`); the decoded kept pixels are close to, not equal to, the input's,
+        unless ``mask_blur`` (px, ≥ 0) pastes the start image back outside the mask, feathered by that radius
+        (:func:`paste_back`; A1111's composite, whose default blur is 4).
         ``guidance_scale`` ≤ 1 disables classifier-free guidance. ``initial_latents`` (B, C, h, w) replaces the
         seeded noise (also in the inpainting blend) and ``prompt_embeds`` = (positive embeds, pooled) replaces the
         text encoders' output for the positive prompts (used by frame sequences).
@@ -328,6 +350,8 @@ class Pipeline:
         width = d.width if width is None else width
         self._validate(steps, guidance, sampler, flow_temperature, max_sequence_length, num_images, height, width)
         mask = self._check_mask(image, mask_image, height, width)
+        if mask_blur is not None and (mask is None or not 0 <= float(mask_blur) <= 64):
+            raise ValueError(f"mask_blur must be a radius in [0, 64] px and needs mask_image, got {mask_blur!r}")
         interval = d.guidance_interval if guidance_interval is None else guidance_interval
         interval = _check_interval(interval if interval is not None else (0.0, 1.0))
         skip_layers = self._check_skip_layer_guidance(
@@ -371,6 +395,8 @@ class Pipeline:
                     constraint=constraint,
                 )
             images = self.decode_latents(latents)
+            if mask_blur is not None:
+                images = paste_back(images, image, mask_to_tensor(mask_image, height, width), float(mask_blur))
         finally:
             self.transformer.record_routing(None)
             if self.num_experts:
@@ -392,6 +418,7 @@ class Pipeline:
                 "strength": strength if image is not None else None,
                 "mask_size": "{}x{}".format(*_image_size(mask_image, "mask_image")) if mask is not None else None,
                 "mask_coverage": round(float(mask.mean()), 4) if mask is not None else None,
+                "mask_blur": mask_blur,
                 "flow_temperature": flow_temperature if flow_temperature != 1.0 else None,
                 "dynamic_thresholding_ratio": dynamic_thresholding_ratio,
                 "expert_weights": _jsonable(expert_weights),

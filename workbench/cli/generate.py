@@ -22,6 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out-dir", default="outputs", help="output folder (prompts file): 0000.png, 0001.png, …")
     parser.add_argument("--init-image", default=None, help="image→image: the starting image")
     parser.add_argument("--mask", default=None, help="inpainting: mask image the size of --init-image, white = repaint")
+    parser.add_argument(
+        "--mask-blur",
+        type=float,
+        default=None,
+        help="inpainting: paste --init-image back outside the mask, edge feathered by this many px (A1111: 4)",
+    )
     parser.add_argument("--strength", type=float, default=0.6)
     add_model_arguments(parser)
     add_sampling_arguments(parser)
@@ -53,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if image is not None:
         kwargs.update(image=image, strength=args.strength)
     if args.mask:
-        kwargs.update(mask_image=Image.open(args.mask))
+        kwargs.update(mask_image=Image.open(args.mask), mask_blur=args.mask_blur)
+    elif args.mask_blur is not None:
+        raise ValueError("--mask-blur needs --mask: it feathers the paste-back of the kept pixels")
     steps = kwargs["num_inference_steps"] or pipe.defaults.num_inference_steps
     outputs = []
     for i, prompt in enumerate(tqdm(prompts, desc="images", disable=len(prompts) == 1)):

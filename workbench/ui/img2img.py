@@ -2,9 +2,10 @@
 over a copy of the start image, the sampler settings of Text → Image; API ``/img2img``.
 
 The mask editor (``gr.ImageEditor``) shows the start image as its background; every painted pixel of its brush layers
-(alpha > 0) is repainted, as a white pixel of diffusers' ``mask_image``. With nothing painted a request is plain
-image→image. API callers pass ``mask`` as the editor's value: ``{"background": …, "layers": [RGBA image the size of
-the start image, opaque where to repaint], "composite": …}``.
+(alpha > 0) is repainted, as a white pixel of diffusers' ``mask_image``; by default the start image is pasted back
+outside the painted part (``paste_back``, edge feathered by ``mask_blur`` px). With nothing painted a request is
+plain image→image. API callers pass ``mask`` as the editor's value: ``{"background": …, "layers": [RGBA image the
+size of the start image, opaque where to repaint], "composite": …}``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ DEFAULT_STRENGTH = 0.6
 class Img2ImgTab:
     image: gr.Image
     mask: gr.ImageEditor
+    paste_back: gr.Checkbox
+    mask_blur: gr.Slider
     strength: gr.Slider
     controls: SamplingControls
     generate: gr.Button
@@ -66,12 +69,17 @@ def painted_mask(editor: dict | None) -> Image.Image | None:
     return Image.fromarray(painted.astype(np.uint8) * 255)
 
 
-def _image_kwargs(image: Image.Image | None, strength: float, mask: dict | None) -> dict:
-    """Pipeline arguments of the start image, strength and the painted mask (none when nothing is painted)."""
+def _image_kwargs(
+    image: Image.Image | None, strength: float, mask: dict | None, paste_back: bool = False, mask_blur: float = 4
+) -> dict:
+    """Pipeline arguments of the start image, strength and the painted mask (none when nothing is painted); with
+    ``paste_back`` the start image is pasted back outside the mask, feathered by ``mask_blur`` px."""
     kwargs = {"image": _start_image(image), "strength": float(strength)}
     painted = painted_mask(mask)
     if painted is not None:
         kwargs["mask_image"] = painted
+        if paste_back:
+            kwargs["mask_blur"] = float(mask_blur)
     return kwargs
 
 
@@ -92,12 +100,15 @@ def api_function(wb: Workbench):
         strength: float = DEFAULT_STRENGTH,
         settings: SamplingValues = defaults,
         mask: dict | None = None,
+        paste_back: bool = True,
+        mask_blur: float = 4,
     ) -> tuple[list[tuple[str, str]], int, str]:
         """Image → image from ``image`` (resized to width × height) with diffusers' ``strength`` semantics;
-        inpainting where ``mask`` (the mask editor's value, see :func:`painted_mask`) is painted."""
+        inpainting where ``mask`` (the mask editor's value, see :func:`painted_mask`) is painted, with the start
+        image pasted back outside it when ``paste_back`` (edge feathered by ``mask_blur`` px)."""
         with page_errors("Image → Image"):
             kwargs = settings.kwargs()
-            kwargs.update(_image_kwargs(image, strength, mask))
+            kwargs.update(_image_kwargs(image, strength, mask, paste_back, mask_blur))
             results = publish(wb, wb.generate(prompt, **kwargs), "img2img")
         return gallery_items(results), results[0]["seed"], results[0]["parameters"]
 
@@ -123,6 +134,9 @@ def build(wb: Workbench) -> Img2ImgTab:
                 height=256,
                 elem_id="i2i-mask",
             )
+            with gr.Row():
+                paste_back = gr.Checkbox(True, label="Keep the unpainted pixels (paste the start image back)")
+                mask_blur = gr.Slider(0, 32, value=4, step=1, label="Mask blur (px)")
             strength = gr.Slider(0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength (1 = ignore the image)")
             controls = sampling_controls(wb.pipe, "i2i")
             with gr.Row():
@@ -139,15 +153,17 @@ def build(wb: Workbench) -> Img2ImgTab:
         strength: float,
         settings: SamplingValues,
         mask: dict | None,
+        paste_back: bool,
+        mask_blur: float,
         request: gr.Request,
     ) -> Iterator[dict]:
         with page_errors("Image → Image"):
             kwargs = settings.kwargs()
-            kwargs.update(_image_kwargs(image, strength, mask))
+            kwargs.update(_image_kwargs(image, strength, mask, paste_back, mask_blur))
             yield from stream_generation(wb, panel, request.session_hash, "img2img", prompt, kwargs)
 
     image.change(_mask_canvas, image, mask, queue=False, api_visibility="private")
-    inputs = [controls.prompt, image, strength, *controls.settings(), mask]
+    inputs = [controls.prompt, image, strength, *controls.settings(), mask, paste_back, mask_blur]
     generate.click(run, inputs, panel.stream_outputs(), api_visibility="private", concurrency_id=MODEL_CONCURRENCY)
     stop.click(stop_handler(wb), None, None, queue=False, api_visibility="private")
     gr.on(
@@ -165,4 +181,4 @@ def build(wb: Workbench) -> Img2ImgTab:
         queue=False,
         api_visibility="private",
     )
-    return Img2ImgTab(image, mask, strength, controls, generate, stop, panel)
+    return Img2ImgTab(image, mask, paste_back, mask_blur, strength, controls, generate, stop, panel)
