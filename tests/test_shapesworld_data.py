@@ -336,6 +336,15 @@ def test_cli_render_and_eval_renders(tmp_path, capsys):
     assert args.run(args) == 0
     lines = (tmp_path / "captions.txt").read_text().splitlines()
     assert len(lines) == 3 and all((tmp_path / line.split("\t")[0]).exists() for line in lines)
+    assert not (tmp_path / "00000.txt").exists()
+    args = parser.parse_args(["render", "--out-dir", str(tmp_path / "lora"), "--n", "2", "--caption-files"])
+    assert args.run(args) == 0
+    from workbench.lora_training import read_image_folder
+
+    images, captions = read_image_folder(tmp_path / "lora")
+    assert len(images) == 2 and captions == [
+        line.split("\t")[1] for line in (tmp_path / "lora" / "captions.txt").read_text().splitlines()
+    ]
     args = parser.parse_args(["eval-renders", "--n", "10", "--sizes", "96"])
     assert args.run(args) == 0 and "| 96x96 |" in capsys.readouterr().out
 

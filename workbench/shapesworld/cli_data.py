@@ -15,7 +15,8 @@ from workbench.shapesworld.world import CANVAS_SIZES, CAPTION_STYLES, render, sa
 
 
 def run_render(args: argparse.Namespace) -> int:
-    """Write ``args.n`` scenes as ``00000.png``… and ``captions.txt`` ("file<TAB>caption" per line) to ``out_dir``."""
+    """Write ``args.n`` scenes as ``00000.png``… and ``captions.txt`` ("file<TAB>caption" per line) to ``out_dir``;
+    with ``args.caption_files`` also ``00000.txt``… beside the images (the folder ``workbench train-lora`` reads)."""
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     height = args.height or args.size
@@ -26,6 +27,8 @@ def run_render(args: argparse.Namespace) -> int:
         scene = sample_scene(rng, height, width, kind=args.kind, caption_style=args.caption_style)
         name = f"{i:05d}.png"
         render(scene).save(out_dir / name)
+        if args.caption_files:
+            (out_dir / f"{i:05d}.txt").write_text(scene.caption, encoding="utf-8")
         lines.append(f"{name}\t{scene.caption}\n")
     (out_dir / "captions.txt").write_text("".join(lines), encoding="utf-8")
     print(f"wrote {args.n} images ({height}x{width}) and captions.txt to {out_dir}")
@@ -61,6 +64,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         choices=CAPTION_STYLES,
         default="canonical",
         help="canonical captions or any (default canonical)",
+    )
+    render_parser.add_argument(
+        "--caption-files", action="store_true", help="also write <stem>.txt per image (the train-lora data format)"
     )
     render_parser.set_defaults(run=run_render)
 
