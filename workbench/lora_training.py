@@ -119,7 +119,7 @@ def attach_trainable_lora(pipe: Pipeline, config: LoRATrainConfig) -> LoRA:
     for name, module in pipe.transformer.named_modules():
         if not any(name == t or name.endswith("." + t) for t in config.targets):
             continue
-        if not isinstance(module, torch.nn.Linear):
+        if type(module) is not torch.nn.Linear:  # exact type: bitsandbytes' int8 / 4-bit subclasses are not trained
             raise ValueError(f"targets: {name} is a {type(module).__name__}, not a float nn.Linear a LoRA can train")
         bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform(a=√5), as nn.Linear and PEFT initialise
         down = (torch.rand(config.rank, module.in_features, generator=generator) * 2 - 1) * bound
@@ -198,6 +198,7 @@ def train_lora(
     pipe.check_size(size, size)
     if pipe.transformer.training or any(p.requires_grad for p in pipe.transformer.parameters()):
         pipe.transformer.eval().requires_grad_(False)
+    pipe.loras.unfuse()  # a fused set would fuse the new layers too, and their hooks would not run
     lora = attach_trainable_lora(pipe, config)
     start = _resume(lora, Path(out)) if resume and Path(out).is_file() else 0
     latents, embeds, pooled, caption_index, empty = _encode(pipe, images, captions, size)
