@@ -459,22 +459,19 @@ class LoRASet:
 
     def _attach(self, lora: LoRA, strength: float) -> None:
         if lora.name in self.loaded:
-            self.remove(lora.name)
+            self._remove(lora.name)
         self.strengths[lora.name] = strength
         self.loaded[lora.name] = lora
-        for (component, module_name), layer in lora.layers.items():
-            self._hooked(component, module_name).adapters[lora.name] = layer
-
-    def _hooked(self, component: str, module_name: str) -> _HookedModule:
-        key = (component, module_name)
-        if key not in self._hooks:
-            root = self._modules()[component]
-            names = dict(root.named_modules())
-            module = names.get(module_name)
-            if module is None:
-                module = _unfuse_gelu(root, module_name.rpartition(".")[0])
-            self._hooks[key] = _HookedModule(self, module)
-        return self._hooks[key]
+        roots = self._modules()
+        names = {c: dict(root.named_modules()) for c, root in roots.items() if root is not None}
+        for key, layer in lora.layers.items():
+            if key not in self._hooks:
+                component, module_name = key
+                module = names[component].get(module_name)
+                if module is None:
+                    module = _unfuse_gelu(roots[component], module_name.rpartition(".")[0])
+                self._hooks[key] = _HookedModule(self, module)
+            self._hooks[key].adapters[lora.name] = layer
 
     def set_strength(self, name: str, strength: float) -> None:
         """Change one LoRA's strength (0 turns it off without removing it)."""
