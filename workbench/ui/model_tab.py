@@ -20,6 +20,7 @@ class ModelTab:
     offload: gr.Dropdown
     load: gr.Button
     info: gr.Markdown
+    message: gr.Markdown
     lora_path: gr.Textbox
     lora_strength: gr.Slider
     lora_attach: gr.Button
@@ -38,6 +39,7 @@ def build(wb: Workbench) -> ModelTab:
         quantization = gr.Dropdown([str(q) for q in QUANTIZATIONS], value="None", label="Quantization")
         offload = gr.Dropdown([str(o) for o in OFFLOADS], value="None", label="Offload")
         load = gr.Button("Load", variant="primary", elem_id="model-load")
+    message = gr.Markdown("", elem_id="model-message")
     with gr.Row():
         lora_path = gr.Textbox(
             label="LoRA",
@@ -48,18 +50,24 @@ def build(wb: Workbench) -> ModelTab:
         lora_strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA strength", scale=2)
         lora_attach = gr.Button("Attach LoRA", elem_id="lora-attach", scale=1)
         lora_remove = gr.Button("Remove LoRAs", elem_id="lora-remove", scale=1)
-    return ModelTab(path, quantization, offload, load, info, lora_path, lora_strength, lora_attach, lora_remove)
+    return ModelTab(
+        path, quantization, offload, load, info, message, lora_path, lora_strength, lora_attach, lora_remove
+    )
 
 
 def wire(tab: ModelTab, wb: Workbench, model_updates: Callable[[bool], dict]) -> None:
-    """Load replaces the shared pipeline and resets every model-dependent widget (bounds, defaults, experts)."""
-    targets = [tab.info, *model_updates(False).keys()]
+    """Load replaces the shared pipeline and resets every model-dependent widget (bounds, defaults, experts). A
+    failed load changes nothing but the message under the Load button (no error badges on the other tabs)."""
+    targets = [tab.info, tab.message, *model_updates(True).keys()]
 
     def load(path: str, quantization: str, offload: str) -> dict:
-        with page_errors("Loading the model"):
-            pipe = wb.load(path, none_if_text_none(quantization), none_if_text_none(offload))
+        try:
+            with page_errors("Loading the model"):
+                pipe = wb.load(path, none_if_text_none(quantization), none_if_text_none(offload))
+        except gr.Error as err:
+            return {tab.message: f"**Not loaded:** {err.message}"}
         gr.Info(f"Loaded {pipe.name}")
-        return {tab.info: wb.describe(), **model_updates(True)}
+        return {tab.info: wb.describe(), tab.message: f"Loaded **{pipe.name}**.", **model_updates(True)}
 
     tab.load.click(
         load,
@@ -67,6 +75,7 @@ def wire(tab: ModelTab, wb: Workbench, model_updates: Callable[[bool], dict]) ->
         targets,
         api_visibility="private",
         concurrency_id=MODEL_CONCURRENCY,
+        show_progress_on=[tab.message],
     )
 
     def attach(path: str, strength: float) -> str:
