@@ -20,30 +20,43 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from workbench.settings import SETTINGS
+
+PARAMETER_KEYS = {"num_inference_steps": "steps"}
+"""Keys of the parameters dict that differ from the generation setting's name (:mod:`workbench.settings`)."""
+_SETTING_BY_KEY = {PARAMETER_KEYS.get(s.name, s.name): s for s in SETTINGS if s.png}
+_OTHER_LABELS = {"size": "Size", "model": "Model", "mask_size": "Mask size", "mask_coverage": "Mask coverage"}
+_OTHER_LABELS["loras"] = "LoRAs"
 KEY_ORDER = [
-    ("steps", "Steps"),
-    ("sampler", "Sampler"),
-    ("guidance_scale", "CFG scale"),
-    ("seed", "Seed"),
-    ("size", "Size"),
-    ("model", "Model"),
-    ("shift", "Shift"),
-    ("strength", "Denoising strength"),
-    ("mask_size", "Mask size"),
-    ("mask_coverage", "Mask coverage"),
-    ("mask_blur", "Mask blur"),
-    ("flow_temperature", "Flow temperature"),
-    ("dynamic_thresholding_ratio", "Dynamic thresholding"),
-    ("expert_weights", "Expert weights"),
-    ("router_temperature", "Router temperature"),
-    ("max_sequence_length", "Max sequence length"),
-    ("guidance_interval", "Guidance interval"),
-    ("skip_guidance_layers", "Skip layers"),
-    ("skip_layer_guidance_scale", "SLG scale"),
-    ("skip_layer_guidance_start", "SLG start"),
-    ("skip_layer_guidance_stop", "SLG stop"),
-    ("loras", "LoRAs"),
+    (key, _SETTING_BY_KEY[key].png if key in _SETTING_BY_KEY else _OTHER_LABELS[key])
+    for key in (
+        "steps",
+        "sampler",
+        "guidance_scale",
+        "seed",
+        "size",
+        "model",
+        "shift",
+        "strength",
+        "mask_size",
+        "mask_coverage",
+        "mask_blur",
+        "flow_temperature",
+        "dynamic_thresholding_ratio",
+        "expert_weights",
+        "router_temperature",
+        "max_sequence_length",
+        "guidance_interval",
+        "skip_guidance_layers",
+        "skip_layer_guidance_scale",
+        "skip_layer_guidance_start",
+        "skip_layer_guidance_stop",
+        "loras",
+    )
 ]
+"""(parameters key, label) in the order of the settings line; settings' labels come from :mod:`workbench.settings`."""
+_INTEGER_KEYS = {key for key, s in _SETTING_BY_KEY.items() if s.kind in ("int", "seed")}
+_FLOAT_KEYS = {key for key, s in _SETTING_BY_KEY.items() if s.kind == "float"} | {"mask_coverage"}
 LABEL_TO_KEY = {label: key for key, label in KEY_ORDER}
 
 
@@ -80,21 +93,9 @@ def _parse_value(key: str, raw: str) -> object:
         if key == "expert_weights" and isinstance(value, dict):
             return {int(k): v for k, v in value.items()}
         return value
-    if key in ("steps", "seed", "max_sequence_length"):
+    if key in _INTEGER_KEYS:
         return int(raw)
-    if key in (
-        "guidance_scale",
-        "shift",
-        "strength",
-        "mask_coverage",
-        "mask_blur",
-        "flow_temperature",
-        "dynamic_thresholding_ratio",
-        "router_temperature",
-        "skip_layer_guidance_scale",
-        "skip_layer_guidance_start",
-        "skip_layer_guidance_stop",
-    ):
+    if key in _FLOAT_KEYS:
         return float(raw)
     return raw
 

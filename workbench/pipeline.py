@@ -23,30 +23,21 @@ from workbench.models.mmdit import MMDiT
 from workbench.models.moe import RoutingRecord
 from workbench.models.text import TextConditioner
 from workbench.models.vae import AutoencoderKL
+from workbench.settings import BY_NAME, MAX_SEED, GenerationDefaults, GenerationSettings, parse_block_list
 
-MAX_SEED = 2**32 - 1
+__all__ = ["GenerationDefaults", "GenerationOutput", "Inputs", "MAX_SEED", "Pipeline", "parse_block_list"]
 
 
-@dataclass
-class GenerationDefaults:
-    """Per-model defaults, read from the model folder (``model_index.json``'s ``workbench`` entry)."""
+@dataclass(frozen=True)
+class Inputs:
+    """The non-setting inputs of a call: the start ``image`` (image→image), the inpainting ``mask_image``
+    (white = repaint), ``initial_latents`` (B, C, h, w) replacing the seeded noise, and ``prompt_embeds`` =
+    (embeds, pooled) replacing the text encoders' output for the positive prompts."""
 
-    num_inference_steps: int = 28
-    guidance_scale: float = 7.0
-    shift: float = 3.0
-    height: int = 1024
-    width: int = 1024
-    sampler: str = "euler"
-    prompt: str = ""
-    negative_prompt: str = ""
-    latent_rgb_factors: list[list[float]] | None = None
-    latent_rgb_bias: list[float] | None = None
-    guidance_interval: list[float] | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict) -> GenerationDefaults:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+    image: Image.Image | np.ndarray | torch.Tensor | None = None
+    mask_image: Image.Image | np.ndarray | torch.Tensor | None = None
+    initial_latents: torch.Tensor | None = None
+    prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -327,137 +318,98 @@ class Pipeline:
         Raises ValueError naming the parameter for any invalid input and :class:`flow.GenerationCancelled` when
         the callback returns ``False``.
         """
-        d = self.defaults
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = d.guidance_scale if guidance_scale is None else float(guidance_scale)
-        shift = d.shift if shift is None else float(shift)
-        sampler = sampler or d.sampler
-        prompts = [p for p in _as_list(prompt, "prompt") for _ in range(num_images)]
-        negatives = _as_list(negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        elif len(negatives) * num_images == len(prompts):
-            negatives = [n for n in negatives for _ in range(num_images)]
-        else:
-            raise ValueError(
-                f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts) // num_images}"
-            )
+        given = {name: value for name, value in locals().items() if name in BY_NAME}  # the settings' arguments
         if image is not None and (height is None or width is None):
-            w, h = _image_size(image, "image")
-            multiple = self.vae_scale_factor * self.transformer.config.patch_size
-            height, width = height or h // multiple * multiple, width or w // multiple * multiple
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        self._validate(steps, guidance, sampler, flow_temperature, max_sequence_length, num_images, height, width)
-        mask = self._check_mask(image, mask_image, height, width)
-        if mask_blur is not None and (mask is None or not 0 <= float(mask_blur) <= 64):
-            raise ValueError(f"mask_blur must be a radius in [0, 64] px and needs mask_image, got {mask_blur!r}")
-        interval = d.guidance_interval if guidance_interval is None else guidance_interval
-        interval = _check_interval(interval if interval is not None else (0.0, 1.0))
-        skip_layers = self._check_skip_layer_guidance(
-            skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop
-        )
-        seeds = self._seeds(seed, len(prompts))
-        sigmas = flow.sigma_schedule(steps, shift)
-        if image is not None:
-            sigmas = sigmas[flow.img2img_start(steps, strength) :]
-        guidance_rule = flow.Guidance(
-            guidance,
-            interval,
-            skip_layers,
-            skip_layer_guidance_scale,
-            flow.skip_layer_sigmas(sigmas, steps, skip_layer_guidance_start, skip_layer_guidance_stop),
-        )
+            given["height"], given["width"] = self._size_of(image, height, width)
+        given["negative_prompt"] = _as_list(negative_prompt, "negative_prompt")
+        settings = GenerationSettings.resolve(self.defaults, **given)
+        prompts = [p for p in _as_list(prompt, "prompt") for _ in range(settings.num_images)]
+        inputs = Inputs(image, mask_image, initial_latents, prompt_embeds)
+        return self.generate(prompts, settings, inputs, callback, record_trajectory, record_routing)
 
+    def generate(
+        self,
+        prompts: list[str],
+        settings: GenerationSettings,
+        inputs: Inputs | None = None,
+        callback: flow.StepCallback | None = None,
+        record_trajectory: bool = False,
+        record_routing: bool = False,
+    ) -> GenerationOutput:
+        """:meth:`__call__` on resolved settings: ``prompts`` holds one prompt per image (each prompt repeated
+        ``num_images`` times) and ``settings.negative_prompt`` one negative, or one per prompt before repetition."""
+        s, inputs = settings, inputs or Inputs()
+        negatives = self._negatives(s.negative_prompt, len(prompts), s.num_images)
+        self.check_size(s.height, s.width)
+        mask = self._check_mask(inputs.image, inputs.mask_image, s.height, s.width)
+        if s.mask_blur is not None and mask is None:
+            raise ValueError(f"mask_blur must be {BY_NAME['mask_blur'].rule}, got {s.mask_blur:g}")
+        self._check_skip_layers(s.skip_guidance_layers)
+        seeds = self._seeds(s.seed, len(prompts))
+        sigmas = flow.sigma_schedule(s.num_inference_steps, s.shift)
+        if inputs.image is not None:
+            sigmas = sigmas[flow.img2img_start(s.num_inference_steps, s.strength) :]
+        guidance_rule = flow.Guidance(
+            s.guidance_scale,
+            s.guidance_interval,
+            s.skip_guidance_layers,
+            s.skip_layer_guidance_scale,
+            flow.skip_layer_sigmas(
+                sigmas, s.num_inference_steps, s.skip_layer_guidance_start, s.skip_layer_guidance_stop
+            ),
+        )
         if self.num_experts:
-            self.transformer.set_routing(expert_weights, router_temperature)
-        else:
-            self._reject_expert_weights(expert_weights)
+            self.transformer.set_routing(s.expert_weights, s.router_temperature)
+        elif s.expert_weights is not None:
+            raise ValueError("expert_weights was given but this model has no Mixture-of-Experts layers")
         routing = RoutingRecord() if record_routing and self.num_experts else None
         self.transformer.record_routing(routing)
         trajectory = flow.Trajectory() if record_trajectory else None
         try:
             latents, clean, noise = self._start_latents(
-                seeds, height, width, image, sigmas, flow_temperature, initial_latents, len(prompts)
+                seeds, s.height, s.width, inputs.image, sigmas, s.flow_temperature, inputs.initial_latents
             )
             constraint = inpaint_constraint(mask.to(self.device), clean, noise) if mask is not None else None
-            embeds, pooled = self._conditioning(prompts, negatives, guidance, max_sequence_length, prompt_embeds)
+            embeds, pooled = self._conditioning(
+                prompts, negatives, s.guidance_scale, s.max_sequence_length, inputs.prompt_embeds
+            )
             velocity = flow.cfg_velocity(self._model_fn(embeds, pooled, routing), guidance_rule)
             with torch.no_grad():
                 latents = flow.sample(
-                    velocity,
-                    latents,
-                    sigmas,
-                    sampler,
-                    dynamic_thresholding_ratio,
-                    callback,
-                    trajectory,
+                    velocity, latents, sigmas, s.sampler, s.dynamic_thresholding_ratio, callback, trajectory,
                     constraint=constraint,
-                )
+                )  # fmt: skip
             images = self.decode_latents(latents)
-            if mask_blur is not None:
-                images = paste_back(images, image, mask_to_tensor(mask_image, height, width), float(mask_blur))
+            if s.mask_blur is not None:
+                pixel_mask = mask_to_tensor(inputs.mask_image, s.height, s.width)
+                images = paste_back(images, inputs.image, pixel_mask, s.mask_blur)
         finally:
             self.transformer.record_routing(None)
             if self.num_experts:
                 self.transformer.set_routing(None, 1.0)
-
-        parameters = []
+        parameters, loras = [], self.loras.metadata()
         for i, img in enumerate(images):
-            params = {
-                "prompt": prompts[i],
-                "negative_prompt": negatives[i],
-                "steps": steps,
-                "sampler": sampler,
-                "guidance_scale": guidance,
-                "seed": seeds[i],
-                "height": height,
-                "width": width,
-                "model": self.name,
-                "shift": shift,
-                "strength": strength if image is not None else None,
-                "mask_size": "{}x{}".format(*_image_size(mask_image, "mask_image")) if mask is not None else None,
-                "mask_coverage": round(float(mask.mean()), 4) if mask is not None else None,
-                "mask_blur": mask_blur,
-                "flow_temperature": flow_temperature if flow_temperature != 1.0 else None,
-                "dynamic_thresholding_ratio": dynamic_thresholding_ratio,
-                "expert_weights": _jsonable(expert_weights),
-                "router_temperature": router_temperature if router_temperature != 1.0 else None,
-                "max_sequence_length": max_sequence_length if max_sequence_length != 256 else None,
-                "guidance_interval": list(interval) if interval != (0.0, 1.0) else None,
-                "loras": self.loras.metadata(),
-                **_skip_layer_parameters(
-                    skip_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop
-                ),
-            }
+            params = image_parameters(s, prompts[i], negatives[i], seeds[i], self.name, inputs, mask, loras)
             img.info["parameters"] = format_parameters(params)
             parameters.append(params)
         return GenerationOutput(images, latents, seeds, parameters, trajectory, routing)
 
-    def _validate(
-        self,
-        steps: int,
-        guidance: float,
-        sampler: str,
-        flow_temperature: float,
-        max_sequence_length: int,
-        num_images: int,
-        height: int,
-        width: int,
-    ) -> None:
-        if not isinstance(steps, int) or not 1 <= steps <= 1000:
-            raise ValueError(f"num_inference_steps must be an integer between 1 and 1000, got {steps!r}")
-        if not 0 <= guidance <= 100:
-            raise ValueError(f"guidance_scale must be between 0 and 100, got {guidance}")
-        if sampler not in flow.SAMPLERS:
-            raise ValueError(f"sampler must be one of {flow.SAMPLERS}, got {sampler!r}")
-        if not 0 < flow_temperature <= 10:
-            raise ValueError(f"flow_temperature must be in (0, 10], got {flow_temperature}")
-        if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length must be an integer in [1, 512], got {max_sequence_length!r}")
-        if not isinstance(num_images, int) or not 1 <= num_images <= 64:
-            raise ValueError(f"num_images must be an integer in [1, 64], got {num_images!r}")
-        self.check_size(height, width)
+    def _size_of(self, image: object, height: int | None, width: int | None) -> tuple[int, int]:
+        """``(height, width)``: the given ones, the missing ones from ``image``'s size rounded down to a multiple
+        of 16."""
+        w, h = _image_size(image, "image")
+        multiple = self.vae_scale_factor * self.transformer.config.patch_size
+        return height or h // multiple * multiple, width or w // multiple * multiple
+
+    @staticmethod
+    def _negatives(negatives: str | list[str], count: int, num_images: int) -> list[str]:
+        """One negative prompt per image: a single one repeated, or one per prompt repeated ``num_images`` times."""
+        negatives = [negatives] if isinstance(negatives, str) else negatives
+        if len(negatives) == 1:
+            return negatives * count
+        if len(negatives) * num_images == count:
+            return [n for n in negatives for _ in range(num_images)]
+        raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {count // num_images}")
 
     def _check_mask(
         self,
@@ -484,31 +436,14 @@ class Pipeline:
         mask = mask_to_tensor(mask_image, height, width)
         return torch.nn.functional.interpolate(mask, size=(height // factor, width // factor))
 
-    def _check_skip_layer_guidance(
-        self, layers: Sequence[int] | None, scale: float, start: float, stop: float
-    ) -> tuple[int, ...]:
-        """The validated skip-layer tuple (empty when skip-layer guidance is off)."""
-        if layers is None:
-            return ()
+    def _check_skip_layers(self, layers: Sequence[int]) -> None:
+        """ValueError unless every skip-layer index names a block of this transformer."""
         depth = len(self.transformer.transformer_blocks)
-        chosen = tuple(layers)
-        if not chosen or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth for i in chosen):
+        if any(not 0 <= i < depth for i in layers):
             raise ValueError(
-                f"skip_guidance_layers must be a non-empty list of block indices in [0, {depth - 1}], got {layers!r}"
+                f"skip_guidance_layers must be a non-empty list of block indices in [0, {depth - 1}], "
+                f"got {list(layers)!r}"
             )
-        if not 0 <= scale <= 100:
-            raise ValueError(f"skip_layer_guidance_scale must be between 0 and 100, got {scale}")
-        if not 0 <= start < stop <= 1:
-            raise ValueError(
-                "skip_layer_guidance_start and skip_layer_guidance_stop must satisfy 0 <= start < stop <= 1, "
-                f"got start={start}, stop={stop}"
-            )
-        return chosen
-
-    @staticmethod
-    def _reject_expert_weights(expert_weights: object) -> None:
-        if expert_weights is not None:
-            raise ValueError("expert_weights was given but this model has no Mixture-of-Experts layers")
 
     @staticmethod
     def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
@@ -534,12 +469,11 @@ class Pipeline:
         sigmas: torch.Tensor,
         flow_temperature: float,
         initial_latents: torch.Tensor | None,
-        count: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Starting latents, clean image latents (None without ``image``) and noise, each ``(count, C, h, w)`` on the
         pipeline's device: per image, its seed's generator draws the VAE posterior sample (image→image) and then the
         noise, which is scaled by ``flow_temperature`` and mixed with the clean latent at ``sigmas[0]``."""
-        factor = self.vae_scale_factor
+        factor, count = self.vae_scale_factor, len(seeds)
         shape = (1, self.transformer.config.in_channels, height // factor, width // factor)
         if initial_latents is not None and tuple(initial_latents.shape) != (count, *shape[1:]):
             raise ValueError(
@@ -609,24 +543,45 @@ class Pipeline:
         return model_fn
 
 
-def parse_block_list(name: str, text: str | None) -> list[int]:
-    """``"7, 8,9"`` → ``[7, 8, 9]``; empty or None → ``[]``; ValueError naming ``name`` otherwise."""
-    items = [item.strip() for item in (text or "").split(",") if item.strip()]
-    try:
-        return [int(item) for item in items]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated block indices such as 7,8,9, got {text!r}") from None
-
-
-def _check_interval(interval: Sequence[float]) -> tuple[float, float]:
-    """``guidance_interval`` as a float pair (low, high) with 0 ≤ low ≤ high ≤ 1; ValueError otherwise."""
-    try:
-        low, high = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance_interval must be a pair (low, high) of sigmas, got {interval!r}") from None
-    if not 0 <= low <= high <= 1:
-        raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {interval!r}")
-    return low, high
+def image_parameters(
+    settings: GenerationSettings,
+    prompt: str,
+    negative_prompt: str,
+    seed: int,
+    model: str,
+    inputs: Inputs,
+    mask: torch.Tensor | None,
+    loras: str | None = None,
+) -> dict[str, object]:
+    """One image's ``parameters`` (the keys of :func:`workbench.metadata.format_parameters`): the settings that
+    made it, with the ones at their neutral value (no effect) left out as ``None``."""
+    s = settings
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "steps": s.num_inference_steps,
+        "sampler": s.sampler,
+        "guidance_scale": s.guidance_scale,
+        "seed": seed,
+        "height": s.height,
+        "width": s.width,
+        "model": model,
+        "shift": s.shift,
+        "strength": s.strength if inputs.image is not None else None,
+        "mask_size": "{}x{}".format(*_image_size(inputs.mask_image, "mask_image")) if mask is not None else None,
+        "mask_coverage": round(float(mask.mean()), 4) if mask is not None else None,
+        "mask_blur": s.mask_blur,
+        "flow_temperature": s.flow_temperature if s.flow_temperature != 1.0 else None,
+        "dynamic_thresholding_ratio": s.dynamic_thresholding_ratio,
+        "expert_weights": _jsonable(s.expert_weights),
+        "router_temperature": s.router_temperature if s.router_temperature != 1.0 else None,
+        "max_sequence_length": s.max_sequence_length if s.max_sequence_length != 256 else None,
+        "guidance_interval": list(s.guidance_interval) if s.guidance_interval != (0.0, 1.0) else None,
+        "loras": loras,
+        **_skip_layer_parameters(
+            s.skip_guidance_layers, s.skip_layer_guidance_scale, s.skip_layer_guidance_start, s.skip_layer_guidance_stop
+        ),
+    }
 
 
 def _skip_layer_parameters(layers: tuple[int, ...], scale: float, start: float, stop: float) -> dict[str, object]:

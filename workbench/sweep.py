@@ -38,9 +38,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from workbench import flow
+from workbench import settings
 from workbench.metadata import save_png
-from workbench.pipeline import MAX_SEED
+from workbench.settings import MAX_SEED
 
 RESULTS_NAME = "results.jsonl"
 PART_PATTERN = "results.part-*.jsonl"
@@ -72,10 +72,6 @@ def _float(low: float | None = None, high: float | None = None, open_low: bool =
     return lambda key, value: _number(key, value, low, high, False, open_low)
 
 
-def _int(low: int, high: int) -> Callable[[str, Any], Any]:
-    return lambda key, value: _number(key, value, low, high, True, False)
-
-
 def _choice(options: Sequence[str], allow_none: bool = True) -> Callable[[str, Any], Any]:
     def check(key: str, value: Any) -> Any:
         if (value is None or value == "none") and allow_none:
@@ -86,62 +82,6 @@ def _choice(options: Sequence[str], allow_none: bool = True) -> Callable[[str, A
         return value
 
     return check
-
-
-def _text(key: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, got {value!r}")
-    return value
-
-
-def _weight_list(key: str, value: Any) -> list[float]:
-    if not isinstance(value, list) or not value or not all(_is_number(v) for v in value):
-        raise ValueError(f"{key} must be a list of numbers (one weight per expert), got {value!r}")
-    if any(v < 0 for v in value) or sum(value) <= 0:
-        raise ValueError(f"{key} weights must be >= 0 and not all zero, got {value!r}")
-    return [float(v) for v in value]
-
-
-def _guidance_interval(key: str, value: Any) -> list[float] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or len(value) != 2 or not all(_is_number(v) for v in value):
-        raise ValueError(f"{key} must be a pair [low, high] of sigmas, got {value!r}")
-    if not 0 <= value[0] <= value[1] <= 1:
-        raise ValueError(f"{key} must satisfy 0 <= low <= high <= 1, got {value!r}")
-    return [float(v) for v in value]
-
-
-def _block_list(key: str, value: Any) -> list[int] | None:
-    if value is None:
-        return None
-    indices = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    if not indices or not value:
-        raise ValueError(f"{key} must be a list of block indices such as [7, 8, 9], or null, got {value!r}")
-    return list(value)
-
-
-def _expert_weights(key: str, value: Any) -> list[float] | dict[int, list[float]] | None:
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        out = {}
-        for block, weights in value.items():
-            try:
-                index = int(block)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{key} block keys must be integers, got {block!r}") from err
-            out[index] = _weight_list(f"{key}[{block}]", weights)
-        if not out:
-            raise ValueError(f"{key} must not be an empty mapping")
-        return dict(sorted(out.items()))
-    return _weight_list(key, value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -155,30 +95,46 @@ class Setting:
     list_valued: bool = False
 
 
+def _generation(key: str, spec: settings.Setting) -> Setting:
+    """The sweep setting ``key`` for a generation setting: checked by ``spec``; a list is one value for the
+    list-valued kinds (expert weights, guidance interval, skip layers) and an axis otherwise."""
+
+    def check(key: str, value: Any) -> Any:
+        if value == "none" and spec.kind == "choice":
+            value = None
+        checked = spec.check(value, key)
+        return list(checked) if isinstance(checked, tuple) else checked
+
+    label = _LABELS.get(key, key.replace("_", ""))
+    return Setting(spec.name, check, label, spec.kind in ("weights", "interval", "blocks"))
+
+
+_LABELS = {  # short labels in file names; a key not listed is its own label without underscores
+    "guidance": "cfg",
+    "expert_weights": "ew",
+    "router_temperature": "rt",
+    "flow_temperature": "ft",
+    "dynamic_thresholding": "dt",
+    "guidance_interval": "gi",
+    "skip_layers": "slg",
+    "skip_layer_scale": "slgs",
+    "negative_prompt": "neg",
+    "max_sequence_length": "msl",
+}
+_SWEEP_KEYS = {spec.sweep: spec for spec in settings.SETTINGS if spec.sweep}
 SETTINGS: dict[str, Setting] = {
-    "guidance": Setting("guidance_scale", _float(0, 100), "cfg"),
-    "steps": Setting("num_inference_steps", _int(1, 1000), "steps"),
-    "shift": Setting("shift", _float(0, 100, open_low=True), "shift"),
-    "sampler": Setting("sampler", _choice(flow.SAMPLERS), "sampler"),
-    "expert_weights": Setting("expert_weights", _expert_weights, "ew", list_valued=True),
-    "router_temperature": Setting("router_temperature", _float(0, 100, open_low=True), "rt"),
-    "flow_temperature": Setting("flow_temperature", _float(0, 10, open_low=True), "ft"),
-    "dynamic_thresholding": Setting("dynamic_thresholding_ratio", _float(0, 1, open_low=True), "dt"),
-    "guidance_interval": Setting("guidance_interval", _guidance_interval, "gi", list_valued=True),
-    "skip_layers": Setting("skip_guidance_layers", _block_list, "slg", list_valued=True),
-    "skip_layer_scale": Setting("skip_layer_guidance_scale", _float(0, 100), "slgs"),
-    "negative_prompt": Setting("negative_prompt", _text, "neg"),
-    "max_sequence_length": Setting("max_sequence_length", _int(1, 512), "msl"),
+    **{key: _generation(key, spec) for key, spec in _SWEEP_KEYS.items()},
     "quantization": Setting(None, _choice(QUANTIZATIONS), "q"),
     "lora_strength": Setting(None, _float(-10, 10), "lora"),
 }
+"""Every sweepable setting by config key: the generation settings that have a sweep key (their checks come from
+:data:`workbench.settings.SETTINGS`), then the load-time ones (``kwarg`` None)."""
 SETTING_DEFAULTS: dict[str, Any] = {
-    "skip_layer_scale": 2.8,
-    "router_temperature": 1.0,
-    "flow_temperature": 1.0,
-    "negative_prompt": "",
-    "max_sequence_length": 256,
+    key: spec.default
+    for key, spec in _SWEEP_KEYS.items()
+    if spec.default is not None and spec.default is not settings.MODEL_DEFAULT
 }
+"""The fixed defaults (a missing key takes None: the model's default, or off)."""
 GENERAL_KEYS = (
     "model",
     "lora",

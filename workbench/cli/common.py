@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from workbench.pipeline import parse_block_list
+from workbench.settings import MODEL_DEFAULT, SETTINGS, parse_block_list, setting
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,34 +32,38 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def sampling_flags() -> dict[str, str]:
+    """Generation setting name → its command-line flag (every :data:`workbench.settings.SETTINGS` entry with one)."""
+    return {spec.name: spec.cli for spec in SETTINGS if spec.cli}
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
-    parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
-    parser.add_argument("--shift", type=float, default=None)
-    parser.add_argument("--max-sequence-length", type=int, default=256)
-    parser.add_argument("--expert-weights", default=None, help="comma-separated weight per expert, e.g. 1,0.5,1,1")
-    parser.add_argument("--router-temperature", type=float, default=1.0)
-    parser.add_argument("--flow-temperature", type=float, default=1.0)
-    parser.add_argument("--dynamic-thresholding", type=float, default=None)
-    parser.add_argument(
-        "--guidance-interval",
-        type=float,
-        nargs=2,
-        default=None,
-        metavar=("LOW", "HIGH"),
-        help="guidance only for sigma in [LOW, HIGH] (default: the model's, else everywhere)",
-    )
-    parser.add_argument(
-        "--skip-layers", default=None, help="skip-layer guidance on these blocks, e.g. 7,8,9 (SD3.5 Medium)"
-    )
-    parser.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale")
-    parser.add_argument("--slg-start", type=float, default=0.01, help="skip-layer guidance from this fraction of steps")
-    parser.add_argument("--slg-stop", type=float, default=0.2, help="… up to this fraction of steps")
+    """One flag per generation setting that has one (:attr:`Setting.cli`), with its default and help text; a
+    default of the model's own is None here (the pipeline fills it in)."""
+    for spec in SETTINGS:
+        if not spec.cli:
+            continue
+        default = spec.cli_default if spec.cli_default is not MODEL_DEFAULT else spec.default
+        default = None if default is MODEL_DEFAULT else default
+        shown = "the model's" if spec.default is MODEL_DEFAULT and default is None else default
+        options: dict = {"default": default, "help": spec.help + (f" (default: {shown})" if shown is not None else "")}
+        if spec.kind in ("int", "seed"):
+            options["type"] = int
+        elif spec.kind == "float":
+            options["type"] = float
+        elif spec.kind == "choice":
+            options["choices"] = list(spec.choices)
+        elif spec.kind == "interval":
+            options.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
+        elif spec.kind == "weights":
+            options["help"] = "comma-separated: " + options["help"] + ", e.g. 1,0.5,1,1"
+        elif spec.kind == "blocks":
+            options["help"] = "comma-separated: " + options["help"]
+        parser.add_argument(spec.cli, **options)
 
 
 def load_from_args(args: argparse.Namespace):
@@ -83,28 +87,20 @@ def load_from_args(args: argparse.Namespace):
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    weights = None
-    if args.expert_weights:
-        try:
-            weights = [float(w) for w in args.expert_weights.split(",")]
-        except ValueError as err:
-            raise ValueError(f"--expert-weights must be comma-separated numbers, got {args.expert_weights!r}") from err
-    return dict(
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        height=args.height,
-        width=args.width,
-        sampler=args.sampler,
-        shift=args.shift,
-        max_sequence_length=args.max_sequence_length,
-        expert_weights=weights,
-        router_temperature=args.router_temperature,
-        flow_temperature=args.flow_temperature,
-        dynamic_thresholding_ratio=args.dynamic_thresholding,
-        guidance_interval=args.guidance_interval,
-        skip_guidance_layers=parse_block_list("--skip-layers", args.skip_layers) or None,
-        skip_layer_guidance_scale=args.slg_scale,
-        skip_layer_guidance_start=args.slg_start,
-        skip_layer_guidance_stop=args.slg_stop,
-    )
+    """The parsed sampling flags as pipeline keyword arguments (all but the seed, which each command spreads over
+    its images); ValueError naming the flag for an unreadable list."""
+    kwargs = {}
+    for name, flag in sampling_flags().items():
+        value = getattr(args, _dest(flag))
+        kind = setting(name).kind
+        if name == "seed":
+            continue
+        if kind == "weights" and value is not None:
+            try:
+                value = [float(w) for w in value.split(",")]
+            except ValueError as err:
+                raise ValueError(f"{flag} must be comma-separated numbers, got {value!r}") from err
+        elif kind == "blocks":
+            value = parse_block_list(flag, value) or None
+        kwargs[name] = value
+    return kwargs

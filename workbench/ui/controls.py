@@ -16,14 +16,13 @@ from typing import Any
 import gradio as gr
 
 from workbench import GenerationCancelled, Pipeline
-from workbench.flow import SAMPLERS, img2img_start
-from workbench.pipeline import MAX_SEED, parse_block_list
+from workbench.flow import img2img_start
+from workbench.settings import MAX_SEED, SKIP_LAYER_DEFAULTS, default_value, parse_block_list, setting
 from workbench.ui.params import Handler, spread_fields
 from workbench.ui.session import Step, Workbench
 
 SIZE_STEP = 16
 MAX_BATCH = 8
-SKIP_LAYER_DEFAULTS = {"scale": 2.8, "start": 0.01, "stop": 0.2}  # diffusers' (SD3.5 Medium's recommendation)
 
 
 @dataclass(frozen=True)
@@ -55,20 +54,24 @@ class SamplingValues:
 
 
 def sampling_defaults(pipe: Pipeline) -> SamplingValues:
-    """The API endpoints' default settings: the model's defaults, no negative prompt, seed −1 (random), one image."""
-    d = pipe.defaults
-    low, high = _interval(pipe)
+    """The API endpoints' default settings (:mod:`workbench.settings`' defaults with the model's own): no negative
+    prompt, seed −1 (random), one image."""
+
+    def default(name: str):
+        return default_value(name, pipe.defaults)
+
+    low, high = default("guidance_interval")
     return SamplingValues(
-        negative_prompt="",
-        steps=d.num_inference_steps,
-        guidance_scale=d.guidance_scale,
-        width=d.width,
-        height=d.height,
+        negative_prompt=default("negative_prompt"),
+        steps=default("num_inference_steps"),
+        guidance_scale=default("guidance_scale"),
+        width=default("width"),
+        height=default("height"),
         seed=-1,
-        batch_count=1,
-        sampler=d.sampler,
-        shift=d.shift,
-        flow_temperature=1.0,
+        batch_count=default("num_images"),
+        sampler=default("sampler"),
+        shift=default("shift"),
+        flow_temperature=default("flow_temperature"),
         dynamic_thresholding=0.0,
         guidance_interval_low=low,
         guidance_interval_high=high,
@@ -80,8 +83,7 @@ def sampling_defaults(pipe: Pipeline) -> SamplingValues:
 
 
 def _interval(pipe: Pipeline) -> tuple[float, float]:
-    low, high = pipe.defaults.guidance_interval or (0.0, 1.0)
-    return float(low), float(high)
+    return default_value("guidance_interval", pipe.defaults)
 
 
 _spread_settings = spread_fields(SamplingValues, "settings")
@@ -175,10 +177,12 @@ def sampling_controls(pipe: Pipeline, prefix: str, prompt_lines: int = 2) -> Sam
             reuse_seed = gr.Button("Reuse last", scale=0, min_width=90, elem_id=f"{prefix}-reuse-seed")
             batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count")
         with gr.Row():
-            sampler = gr.Dropdown(list(SAMPLERS), value=d.sampler, label="Sampler")
+            sampler = gr.Dropdown(list(setting("sampler").choices), value=d.sampler, label="Sampler")
             shift = gr.Slider(0.1, 10, value=d.shift, step=0.1, label="Shift")
         with gr.Row():
-            flow_temperature = gr.Slider(0.5, 1.5, value=1.0, step=0.01, label="Flow temperature (noise scale)")
+            flow_temperature = gr.Slider(
+                0.5, 1.5, value=default_value("flow_temperature"), step=0.01, label="Flow temperature (noise scale)"
+            )
             dynamic = gr.Slider(0, 1, value=0, step=0.005, label="Dynamic thresholding ratio (0 = off)")
         low, high = _interval(pipe)
         with gr.Row():

@@ -1,0 +1,149 @@
+"""The generation settings table: validation (finite numbers, ranges, seeds) and one source of names and defaults
+for the pipeline, the command line, the app's API, the sweep config and the PNG parameters."""
+
+import argparse
+import math
+
+import pytest
+
+from workbench import load_pipeline, settings, sweep
+from workbench.cli.common import add_sampling_arguments, sampling_kwargs
+from workbench.metadata import KEY_ORDER, format_parameters, parse_parameters
+from workbench.settings import MAX_SEED, SETTINGS, GenerationDefaults, GenerationSettings
+
+FLOATS = [s.name for s in SETTINGS if s.kind == "float"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline()
+
+
+@pytest.mark.parametrize("name", FLOATS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_numbers_are_refused_with_name_value_and_range(name, value):
+    spec = settings.setting(name)
+    with pytest.raises(ValueError) as info:
+        GenerationSettings.resolve(**{name: value})
+    message = str(info.value)
+    assert message.startswith(f"{name} must be") and repr(value) in message, message
+    assert f"{spec.low:g}" in message and f"{spec.high:g}" in message, message
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(shift=math.nan), ["shift", "nan", "(0, 100]"]),
+        (dict(router_temperature=math.nan), ["router_temperature", "nan", "(0, 100]"]),
+        (dict(expert_weights=[1, math.nan, 1, 1]), ["expert_weights", "nan", "finite"]),
+        (dict(expert_weights={1: [1, 1, math.inf, 1]}), ["expert_weights[1]", "inf"]),
+        (dict(guidance_interval=(math.nan, 1)), ["guidance_interval", "nan"]),
+        (dict(seed="12"), ["seed", "'12'", str(MAX_SEED)]),
+        (dict(seed=MAX_SEED + 1), ["seed", str(MAX_SEED + 1)]),
+        (dict(seed=[0, "x"]), ["seed", "'x'"]),
+        (dict(seed=1.5), ["seed", "1.5"]),
+        (dict(num_images=True), ["num_images", "True"]),
+    ],
+)
+def test_pipeline_refuses_bad_settings_before_generating(pipe, kwargs, words):
+    with pytest.raises(ValueError) as info:
+        pipe("a red circle", num_inference_steps=1, **kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_seed_accepts_the_whole_documented_range(pipe):
+    common = dict(num_inference_steps=1, height=32, width=32)
+    assert pipe("a red circle", seed=MAX_SEED, **common).seeds == [MAX_SEED]
+    assert pipe("a red circle", seed=0, **common).seeds == [0]
+    assert 0 <= pipe("a red circle", seed=-1, **common).seeds[0] <= MAX_SEED  # negative: random
+    with pytest.raises(ValueError, match=f"between 0 and {MAX_SEED}"):
+        pipe("a red circle", seed=MAX_SEED, num_images=2, **common)
+
+
+def test_resolve_fills_the_models_defaults_and_only_those():
+    model = GenerationDefaults(num_inference_steps=9, guidance_scale=2.0, shift=1.5, height=64, width=32,
+                               sampler="heun", guidance_interval=[0.2, 0.9])  # fmt: skip
+    resolved = GenerationSettings.resolve(model)
+    assert (resolved.num_inference_steps, resolved.guidance_scale, resolved.shift) == (9, 2.0, 1.5)
+    assert (resolved.height, resolved.width, resolved.sampler) == (64, 32, "heun")
+    assert resolved.guidance_interval == (0.2, 0.9)
+    assert resolved.router_temperature == 1.0 and resolved.skip_guidance_layers == ()
+    assert GenerationSettings.resolve(model, shift=4).shift == 4.0
+    with pytest.raises(ValueError, match="unknown generation settings"):
+        GenerationSettings.resolve(model, colour="red")
+
+
+def _names(where: str) -> set[str]:
+    return {s.name for s in SETTINGS if getattr(s, where)}
+
+
+def test_command_line_takes_exactly_its_settings_with_their_defaults(pipe):
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    flags = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
+    assert flags == {s.cli for s in SETTINGS if s.cli}
+    args = parser.parse_args([])
+    kwargs = sampling_kwargs(args)
+    assert set(kwargs) | {"seed"} == _names("cli")
+    assert args.seed == settings.setting("seed").cli_default == 0
+    assert GenerationSettings.resolve(pipe.defaults, **kwargs) == GenerationSettings.resolve(pipe.defaults)
+
+
+def test_generate_command_defaults_match_the_settings():
+    from workbench.cli import generate
+
+    parser = argparse.ArgumentParser()
+    generate.register(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["generate"]
+    defaults = {a.dest: a.default for a in sub._actions}
+    assert defaults["strength"] == settings.default_value("strength")
+    assert defaults["mask_blur"] == settings.default_value("mask_blur")
+
+
+def test_app_api_takes_exactly_its_settings_with_their_defaults(pipe):
+    pytest.importorskip("gradio")
+    from workbench.ui.controls import generation_kwargs, sampling_defaults
+
+    kwargs = generation_kwargs(**vars(sampling_defaults(pipe)))
+    assert set(kwargs) == _names("app")
+    assert kwargs["seed"] is None  # −1 in the app: random
+    assert GenerationSettings.resolve(pipe.defaults, **kwargs) == GenerationSettings.resolve(pipe.defaults)
+
+
+def test_sweep_takes_exactly_its_settings_with_their_defaults(pipe, tmp_path):
+    config = sweep.parse_config({"output_dir": str(tmp_path), "prompts": ["a red circle"]})
+    kwargs = sweep.pipeline_kwargs(sweep.expand(config)[0].settings)
+    assert set(kwargs) == _names("sweep")
+    assert {k for k, s in sweep.SETTINGS.items() if s.kwarg} == {s.sweep for s in SETTINGS if s.sweep}
+    assert GenerationSettings.resolve(pipe.defaults, **kwargs) == GenerationSettings.resolve(pipe.defaults)
+
+
+def test_sweep_checks_are_the_settings_checks(tmp_path):
+    for key in ("shift", "router_temperature", "flow_temperature", "guidance"):
+        with pytest.raises(ValueError, match=f"{key} must .*nan"):
+            sweep.parse_config({"output_dir": str(tmp_path), "prompts": ["x"], key: math.nan})
+
+
+def test_png_parameters_labels_and_types_come_from_the_settings():
+    labels = dict(KEY_ORDER)
+    for spec in SETTINGS:
+        if spec.png:
+            key = "steps" if spec.name == "num_inference_steps" else spec.name
+            assert labels[key] == spec.png
+    text = format_parameters(
+        {"prompt": "p", "steps": 3, "seed": 7, "shift": 1.5, "skip_layer_guidance_start": 0.25, "height": 8, "width": 8}
+    )
+    parsed = parse_parameters(text)
+    assert parsed["steps"] == 3 and isinstance(parsed["steps"], int) and parsed["seed"] == 7
+    assert parsed["shift"] == 1.5 and parsed["skip_layer_guidance_start"] == 0.25
+
+
+def test_settings_object_is_frozen_and_validated():
+    value = GenerationSettings()
+    with pytest.raises(AttributeError):
+        value.shift = 2.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"num_inference_steps must be an integer between 1 and 1000, got 0"):
+        GenerationSettings(num_inference_steps=0)
+    with pytest.raises(ValueError, match="start=0.5"):
+        GenerationSettings(skip_guidance_layers=(1,), skip_layer_guidance_start=0.5, skip_layer_guidance_stop=0.2)
