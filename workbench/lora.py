@@ -38,6 +38,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from workbench.formats.files import read_safetensors
+from workbench.formats.original import original_module_map
+from workbench.kernels import PackedLinear
+from workbench.models.moe import GELUProjection
+
 if TYPE_CHECKING:
     from workbench.pipeline import Pipeline
 
@@ -147,7 +152,6 @@ class LoRA:
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """Tensors, header metadata and sha256 of a ``.safetensors`` LoRA; pickles and broken files raise
     :class:`workbench.loading.ModelFormatError` naming the file."""
-    from workbench.loading import read_safetensors
 
     path = Path(path)
     tensors = read_safetensors(path)
@@ -249,7 +253,6 @@ class _Names:
     """The module names of one pipeline, for turning a LoRA's keys into (component, module) targets."""
 
     def __init__(self, modules: dict[str, nn.Module | None]) -> None:
-        from workbench.loading import original_module_map
 
         self.modules = {c: dict(m.named_modules()) if m is not None else None for c, m in modules.items()}
         self.underscored = {
@@ -292,7 +295,6 @@ class _Names:
 
 def _fused_gelu_parent(names: dict[str, nn.Module], module: str) -> nn.Module | None:
     """The oneDNN linear that absorbed ``module`` (``….net.0.proj`` fused with its GELU into ``….net.0``)."""
-    from workbench.memory import PackedLinear
 
     parent, _, leaf = module.rpartition(".")
     candidate = names.get(parent)
@@ -575,7 +577,6 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
 
 
 def _fusable(module: nn.Module) -> bool:
-    from workbench.memory import PackedLinear
 
     if isinstance(module, PackedLinear):
         return True
@@ -584,7 +585,6 @@ def _fusable(module: nn.Module) -> bool:
 
 
 def _add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
-    from workbench.memory import PackedLinear
 
     if isinstance(module, PackedLinear):
         module.add_to_weight(delta)
@@ -603,8 +603,6 @@ def _check_strength(strength: float) -> float:
 def _unfuse_gelu(root: nn.Module, name: str) -> nn.Module:
     """Split a oneDNN linear with fused GELU back into GELU(linear(x)) so a hook can reach the linear's output;
     returns that linear."""
-    from workbench.memory import PackedLinear
-    from workbench.models.moe import GELUProjection
 
     fused = root.get_submodule(name)
     if not (isinstance(fused, PackedLinear) and fused.gelu):

@@ -1,0 +1,6 @@
+"""Checkpoint and adapter file formats: what the bytes on disk mean, separate from building models from them.
+
+:mod:`~workbench.formats.files` reads safetensors and JSON and refuses pickles; :mod:`~workbench.formats.original`
+maps the original single-file SD3 layout to diffusers names. These modules import nothing from the workbench
+except :mod:`workbench.models` configs; :mod:`workbench.loading` and :mod:`workbench.lora` build on them.
+"""
