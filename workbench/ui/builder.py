@@ -12,7 +12,6 @@ import gradio as gr
 
 from workbench import Pipeline
 from workbench.ui import experts, flow_view, img2img, model_tab, pnginfo, text2img, video
-from workbench.ui.controls import ResultsPanel
 from workbench.ui.session import Workbench
 
 TITLE = "SD3 Workbench"
@@ -21,21 +20,6 @@ INTRO = (
     "Every image is a PNG carrying its settings (see **PNG info**)."
 )
 CONCURRENCY = 1
-
-
-def _send_to_img2img(panel: ResultsPanel, target: img2img.Img2ImgTab, tabs: gr.Tabs) -> None:
-    def send(results: list[dict], index: int, prompt: str, negative: str):
-        if not results:
-            raise gr.Error("Nothing to send yet: generate an image first")
-        return results[min(index, len(results) - 1)]["path"], prompt, negative, gr.Tabs(selected="img2img")
-
-    panel.send_to_img2img.click(
-        send,
-        [panel.results, panel.selected, target.controls.prompt, target.controls.negative_prompt],
-        [target.image, target.controls.prompt, target.controls.negative_prompt, tabs],
-        queue=False,
-        api_visibility="private",
-    )
 
 
 def build_app(pipe_or_path: Pipeline | str | Path | None = None, output_dir: str | Path = "outputs") -> gr.Blocks:
@@ -62,8 +46,8 @@ def build_app(pipe_or_path: Pipeline | str | Path | None = None, output_dir: str
             with gr.Tab("Model", id="model"):
                 model = model_tab.build(wb)
 
-        _send_to_img2img(t2i.panel, i2i, tabs)
-        _send_to_img2img(i2i.panel, i2i, tabs)
+        img2img.wire_send(t2i.panel, i2i, tabs)
+        img2img.wire_send(i2i.panel, i2i, tabs)
 
         def model_updates(reset_values: bool) -> dict:
             updates: dict = {}
@@ -73,25 +57,7 @@ def build_app(pipe_or_path: Pipeline | str | Path | None = None, output_dir: str
 
         model_tab.wire(model, wb, model_updates)
 
-        def send_settings(params: dict):
-            if not params:
-                raise gr.Error("Drop a PNG with a parameters chunk first")
-            values, temperature, note = pnginfo.expert_settings(params, wb.pipe.num_experts)
-            updates = pnginfo.settings_updates(params, wb.pipe, t2i.controls)
-            sliders = experts_tab.weights[: len(values)]
-            updates.update({slider: value for slider, value in zip(sliders, values)})
-            updates[experts_tab.router_temperature] = temperature
-            updates[info.note] = note
-            updates[tabs] = gr.Tabs(selected="text2img")
-            return updates
-
-        info.send.click(
-            send_settings,
-            info.parsed,
-            [*t2i.controls.inputs(), *experts_tab.weights, experts_tab.router_temperature, info.note, tabs],
-            queue=False,
-            api_visibility="private",
-        )
+        pnginfo.wire_send(info, lambda: wb.pipe, t2i.controls, experts_tab, tabs)
     demo.queue(default_concurrency_limit=CONCURRENCY)
     demo.workbench = wb
     return demo
