@@ -1,19 +1,20 @@
 """The workbench in Debian's Chromium through Playwright: type a prompt, generate, steer an expert on the Experts tab
-and see the image change; a wrong model path shows a message. Screenshots go to ``test-artifacts/``.
+and see the image change; every failed action shows a message in its own tab and puts no error badge on any widget.
+Each test opens its own page (a fresh browser session), so each passes alone and in any order. Screenshots go to
+``test-artifacts/browser/``, emptied when this module starts.
 
 Needs /usr/bin/chromium (``.ci/install_browser.sh``); Playwright's own browser downloads are not used."""
 
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from test_app import launch_app
-
-from workbench.metadata import read_parameters
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -26,7 +27,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
+TABS = ("Text → Image", "Image → Image", "Video frames", "Experts", "Flow", "PNG info", "Model")
 TIMEOUT_MS = 60_000
 BROWSER_PROMPT = "a small blue star at the center on a black background"
 
@@ -46,18 +48,54 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def browser():
     from playwright.sync_api import sync_playwright
 
-    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(served[1])
-        page.locator("#t2i-generate").wait_for(state="visible")
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    """A new page (its own Gradio session) on the app, 1400 × 1000."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(served[1])
+    page.locator("#t2i-generate").wait_for(state="visible")
+    page.wait_for_timeout(300)  # let the page wire its handlers
+    yield page
+    page.close()
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+    page.wait_for_timeout(150)
+
+
+def error_badges(page) -> list[str]:
+    """The elem_id (or label) of every widget whose status shows Gradio's red "Error" badge."""
+    return page.evaluate(
+        """() => Array.from(document.querySelectorAll('span.error')).map(badge => {
+            const block = badge.closest('.block');
+            return (block && (block.id || block.innerText.slice(0, 40))) || 'unknown';
+        })"""
+    )
+
+
+def assert_no_badges_in_any_tab(page, shot: str) -> None:
+    """Visit every tab: no widget anywhere shows an error badge; screenshot each tab as ``<shot>-<tab>.png``."""
+    for name in TABS:
+        open_tab(page, name)
+        page.screenshot(path=str(ARTIFACTS / f"{shot}-{slug(name)}.png"), full_page=True)
+        assert error_badges(page) == [], f"error badges on the {name} tab"
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).replace("--", "-").strip("-")
 
 
 def set_number(page, elem_id: str, value: int | float) -> None:
@@ -72,6 +110,13 @@ def set_number(page, elem_id: str, value: int | float) -> None:
         if not slider.count() or slider.first.input_value() == str(value):
             return
     raise AssertionError(f"#{elem_id} did not take the value {value}")
+
+
+def open_accordion(page, elem_id: str) -> None:
+    """Open the accordion ``#elem_id`` unless it is open."""
+    if not page.locator(f"#{elem_id} > [data-testid=accordion-content]").first.is_visible():
+        page.locator(f"#{elem_id} > button.label-wrap").first.click()
+    page.locator(f"#{elem_id} > [data-testid=accordion-content]").first.wait_for(state="visible")
 
 
 def image_pixels(page, img_selector: str) -> np.ndarray:
@@ -146,26 +191,80 @@ def test_img2img_frames_and_flow_tabs(page):
     page.screenshot(path=str(ARTIFACTS / "browser-flow.png"), full_page=True)
 
 
+def workbench_png(served, seed: int = 5) -> Path:
+    """A PNG made by the served app's pipeline (2 steps), saved with its parameters chunk."""
+    wb = served[0].workbench
+    out = wb.generate(BROWSER_PROMPT, num_inference_steps=2, seed=seed)
+    return Path(wb.save(out.images, "browser-test")[0])
+
+
 def test_png_info_sends_settings_to_text2img(page, served):
-    made = sorted((served[0].workbench.output_dir / "text2img").glob("*.png"))[0]
-    seed = read_parameters(made)["seed"]
-    page.get_by_role("tab", name="Text → Image").click()
+    made = workbench_png(served, seed=77)
+    open_tab(page, "Text → Image")
+    open_accordion(page, "t2i-settings")
     set_number(page, "t2i-seed", 123)
     page.locator("#t2i-prompt textarea").fill("something else")
-    page.get_by_role("tab", name="PNG info").click()
+    open_tab(page, "PNG info")
     page.locator("#pnginfo-image input[type=file]").set_input_files(str(made))
-    page.locator("#pnginfo-send").wait_for(state="visible")
-    page.wait_for_function(f"() => document.querySelector('#pnginfo-text textarea').value.includes('Seed: {seed},')")
+    page.wait_for_function("() => document.querySelector('#pnginfo-text textarea').value.includes('Seed: 77,')")
     page.locator("#pnginfo-send").click()
     page.locator("#t2i-generate").wait_for(state="visible")
-    page.wait_for_function(f"() => document.querySelector('#t2i-seed input').value === '{seed}'")
+    page.wait_for_function("() => document.querySelector('#t2i-seed input').value === '77'")
     assert page.locator("#t2i-prompt textarea").input_value() == BROWSER_PROMPT
 
 
-def test_wrong_model_path_shows_a_message(page):
-    page.get_by_role("tab", name="Model").click()
+def test_png_without_parameters_says_so_and_sends_nothing(page, served, tmp_path):
+    """Defect 2: a PNG without a parameters chunk gave bare "Error" badges, and Send then applied the previous PNG."""
+    made = workbench_png(served, seed=77)
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(plain)
+    open_tab(page, "PNG info")
+    page.locator("#pnginfo-image input[type=file]").set_input_files(str(made))
+    page.wait_for_function("() => document.querySelector('#pnginfo-text textarea').value.includes('Seed: 77,')")
+    assert page.locator("#pnginfo-send").is_enabled()
+    page.locator("#pnginfo-image button[aria-label='Remove Image']").first.click()
+    page.locator("#pnginfo-image input[type=file]").set_input_files(str(plain))
+    wait_for_text(page, "pnginfo-note", "no 'parameters' text chunk")
+    page.screenshot(path=str(ARTIFACTS / "pnginfo-no-parameters.png"), full_page=True)
+    assert page.locator("#pnginfo-text textarea").input_value() == ""
+    assert page.locator("#pnginfo-send").is_disabled()
+    assert_no_badges_in_any_tab(page, "pnginfo-no-parameters")
+    open_tab(page, "Text → Image")
+    open_accordion(page, "t2i-settings")
+    assert page.locator("#t2i-seed input").first.input_value() == "-1"
+
+
+def test_send_to_img2img_before_generating_says_so(page):
+    """Defect 3: the button did nothing on Text → Image and put error badges on Image → Image."""
+    page.locator("#t2i-send-img2img").click()
+    wait_for_text(page, "t2i-status", "Nothing to send yet")
+    page.screenshot(path=str(ARTIFACTS / "send-before-generating.png"), full_page=True)
+    assert_no_badges_in_any_tab(page, "send-before-generating")
+    assert page.locator("#i2i-prompt textarea").input_value() != ""
+
+
+def test_wrong_model_path_is_a_message_under_load_only(page):
+    """Defect 1: a failed load turned the other tabs' settings and the Experts panel into error badges."""
+    open_tab(page, "Model")
     page.locator("#model-path textarea, #model-path input").first.fill("/no/such/model")
     page.locator("#model-load").click()
-    page.get_by_text("does not exist").first.wait_for(state="visible")
-    page.screenshot(path=str(ARTIFACTS / "browser-model-error.png"), full_page=True)
+    wait_for_text(page, "model-message", "does not exist")
+    page.screenshot(path=str(ARTIFACTS / "model-error.png"), full_page=True)
     assert "does not exist" not in page.locator("#model-info").inner_text()
+    assert_no_badges_in_any_tab(page, "model-error")
+
+
+def test_loading_a_model_resets_the_settings_of_every_tab(page):
+    """Defect 1: a successful load ended in "Returned component <Slider> not specified as output"; nothing reset."""
+    open_accordion(page, "t2i-settings")
+    default_steps = page.locator("#t2i-steps input[type=number]").first.input_value()
+    set_number(page, "t2i-steps", 7)
+    open_tab(page, "Experts")
+    set_number(page, "expert-weight-0", 0.5)
+    open_tab(page, "Model")
+    page.locator("#model-path textarea, #model-path input").first.fill("")
+    page.locator("#model-load").click()
+    wait_for_text(page, "model-message", "Loaded")
+    assert_no_badges_in_any_tab(page, "model-loaded")
+    assert page.locator("#t2i-steps input[type=number]").first.input_value() == default_steps
+    assert page.locator("#expert-weight-0 input[type=number]").first.input_value() == "1"

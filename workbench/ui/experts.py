@@ -42,8 +42,7 @@ class ExpertsTab:
         updates = {self.notice: gr.update(visible=experts == 0), self.panel: gr.update(visible=experts > 0)}
         for i, slider in enumerate(self.weights):
             updates[slider] = gr.update(visible=i < experts, **({"value": 1.0} if reset_values else {}))
-        if reset_values:
-            updates[self.router_temperature] = gr.update(value=1.0)
+        updates[self.router_temperature] = gr.update(value=1.0) if reset_values else gr.update()
         return updates
 
 

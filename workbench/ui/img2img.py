@@ -17,6 +17,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from workbench.metadata import parse_parameters
 from workbench.ui.controls import (
     ResultsPanel,
     SamplingControls,
@@ -86,6 +87,35 @@ def _image_kwargs(
 def _mask_canvas(image: Image.Image | None) -> dict | None:
     """The mask editor's value for a new start image: the image as background, nothing painted."""
     return None if image is None else {"background": image, "layers": [], "composite": image}
+
+
+NOTHING_TO_SEND = "Nothing to send yet: generate an image first."
+
+
+def wire_send(panel: ResultsPanel, target: Img2ImgTab, tabs: gr.Tabs) -> None:
+    """``panel``'s "Send to Image → Image": the selected image becomes ``target``'s start image, with the prompts it
+    was made with; before any generation it only says so in ``panel``'s status line (nothing else changes)."""
+
+    def send(results: list[dict], index: int) -> dict:
+        if not results:
+            return {panel.status: NOTHING_TO_SEND}
+        chosen = results[min(index, len(results) - 1)]
+        params = parse_parameters(chosen["parameters"])
+        return {
+            target.image: chosen["path"],
+            target.controls.prompt: params.get("prompt", ""),
+            target.controls.negative_prompt: params.get("negative_prompt", ""),
+            tabs: gr.Tabs(selected="img2img"),
+        }
+
+    panel.send_to_img2img.click(
+        send,
+        [panel.results, panel.selected],
+        [panel.status, target.image, target.controls.prompt, target.controls.negative_prompt, tabs],
+        queue=False,
+        show_progress="hidden",
+        api_visibility="private",
+    )
 
 
 def api_function(wb: Workbench):

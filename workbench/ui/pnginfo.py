@@ -3,6 +3,7 @@ settings back to Text → Image (expert weights and router temperature to the Ex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
@@ -73,19 +74,53 @@ def build() -> PngInfoTab:
                 label="parameters chunk", lines=4, interactive=False, buttons=["copy"], elem_id="pnginfo-text"
             )
             parsed = gr.JSON(label="Parsed")
-            send = gr.Button("Send to Text → Image", variant="primary", elem_id="pnginfo-send")
-            note = gr.Markdown("")
+            send = gr.Button("Send to Text → Image", variant="primary", interactive=False, elem_id="pnginfo-send")
+            note = gr.Markdown("", elem_id="pnginfo-note")
 
-    def show(path: str | None):
-        params = png_info(path)
-        if not params:
-            return "", {}
-        with page_errors("PNG info"):
-            return read_text(path), params
-
-    image.change(show, image, [text, parsed], queue=False, api_visibility="private")
+    image.change(
+        shown, image, [text, parsed, send, note], queue=False, show_progress="hidden", api_visibility="private"
+    )
     gr.on([], png_info, image, parsed, api_name="png_info")
     return PngInfoTab(image, text, parsed, send, note)
+
+
+def shown(path: str | None) -> tuple[str, dict, dict, str]:
+    """The tab's view of a dropped PNG: (parameters text, parsed parameters, Send button update, note). A PNG without
+    a readable ``parameters`` chunk clears the previous one's, disables Send and says why in the note."""
+    if not path:
+        return "", {}, gr.update(interactive=False), ""
+    try:
+        params = read_parameters(path)
+    except (OSError, ValueError) as err:
+        return "", {}, gr.update(interactive=False), f"**No settings to read:** {err}"
+    return read_text(path), params, gr.update(interactive=True), ""
+
+
+def wire_send(tab: PngInfoTab, pipe: Callable[[], Pipeline], controls: SamplingControls, experts_tab, tabs) -> None:
+    """Send applies the parsed settings to Text → Image (``controls``) and the expert weights and router temperature
+    to ``experts_tab`` (an :class:`workbench.ui.experts.ExpertsTab`), then shows Text → Image; with nothing parsed
+    it only says so in the tab's note. ``pipe()`` is the loaded pipeline."""
+
+    def send(params: dict) -> dict:
+        if not params:
+            return {tab.note: "Drop a PNG with a parameters chunk first."}
+        model = pipe()
+        values, temperature, note = expert_settings(params, model.num_experts)
+        updates = settings_updates(params, model, controls)
+        updates.update({slider: value for slider, value in zip(experts_tab.weights, values)})
+        updates[experts_tab.router_temperature] = temperature
+        updates[tab.note] = note
+        updates[tabs] = gr.Tabs(selected="text2img")
+        return updates
+
+    tab.send.click(
+        send,
+        tab.parsed,
+        [*controls.inputs(), *experts_tab.weights, experts_tab.router_temperature, tab.note, tabs],
+        queue=False,
+        show_progress="hidden",
+        api_visibility="private",
+    )
 
 
 def read_text(path: str) -> str:
