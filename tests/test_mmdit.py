@@ -1,4 +1,4 @@
-"""The MMDiT equals diffusers' SD3Transformer2DModel on the same weights; MoE behaves as DESIGN.md says."""
+"""The MMDiT equals diffusers' SD3Transformer2DModel on the same weights; MoE behaves as docs/design.md says."""
 
 import pytest
 import torch

@@ -1,8 +1,8 @@
 """A 2-D rectified-flow toy that trains in seconds on a CPU: why reflow straightens paths.
 
-Same time convention as the image model (DESIGN.md): ``x_t = (1 − t)·x_data + t·noise``, the network predicts
-``v = noise − x_data``, sampling integrates from t = 1 (source: standard Gaussian) to t = 0 (target: two moons or
-eight Gaussians). Points are ``(n, 2)`` float32 tensors.
+Same time convention as the image model (docs/design.md, "Time and tensors"): ``x_t = (1 − t)·x_data + t·noise``,
+the network predicts ``v = noise − x_data``, sampling integrates from t = 1 (source: standard Gaussian) to t = 0
+(target: two moons or eight Gaussians). Points are ``(n, 2)`` float32 tensors.
 
 - :func:`train_flow` with ``pairs=None`` trains on the *independent coupling* (fresh noise and fresh data each
   batch): the learned field averages crossing straight lines, so its ODE paths curve.

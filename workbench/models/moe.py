@@ -1,6 +1,6 @@
 """Mixture-of-Experts feed-forward for the image stream of MMDiT blocks, and the routing record.
 
-Conventions (DESIGN.md, "MoE conventions"):
+Conventions (docs/design.md, "MoE conventions"):
 
 - ``logits = W·h`` (router without bias), ``p = softmax(logits / τ)`` with τ the router temperature.
 - User expert weights ``w_e ≥ 0`` multiply ``p``; the result is renormalised to sum to one.
