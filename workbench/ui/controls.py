@@ -9,7 +9,7 @@ parameters that Gradio's API shows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -150,32 +150,41 @@ class SamplingControls:
         }
 
 
-def sampling_controls(pipe: Pipeline, prefix: str, prompt_lines: int = 2) -> SamplingControls:
-    """Build the prompt box, the negative prompt and the settings accordion inside the current layout.
-    ``prefix`` namespaces the ``elem_id`` of each widget (for tests and styling)."""
+def sampling_controls(
+    pipe: Pipeline, prefix: str, prompt_lines: int = 2, prompt_side: Sequence[gr.components.Component] = ()
+) -> SamplingControls:
+    """Build the prompt box, the negative prompt, the everyday settings (steps, guidance, size, seed, batch count)
+    and the "More" accordion with the rest inside the current layout. ``prompt_side``: components created with
+    ``render=False`` (such as Generate and Stop) to show in a column beside the prompt. ``prefix`` namespaces the
+    ``elem_id`` of each widget (for tests and styling)."""
     d = pipe.defaults
     side = pipe.max_image_side
-    prompt = gr.Textbox(label="Prompt", value=d.prompt, lines=prompt_lines, elem_id=f"{prefix}-prompt")
+    with gr.Row(equal_height=True):
+        prompt = gr.Textbox(label="Prompt", value=d.prompt, lines=prompt_lines, elem_id=f"{prefix}-prompt", scale=4)
+        if prompt_side:
+            with gr.Column(scale=1, min_width=140):
+                for component in prompt_side:
+                    component.render()
     negative = gr.Textbox(label="Negative prompt", value=d.negative_prompt, lines=1, elem_id=f"{prefix}-negative")
-    with gr.Accordion("Settings", open=False, elem_id=f"{prefix}-settings"):
-        with gr.Row():
-            steps = gr.Slider(1, 150, value=d.num_inference_steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
-            guidance = gr.Slider(0, 20, value=d.guidance_scale, step=0.1, label="Guidance (CFG)")
-        with gr.Row():
-            width = gr.Slider(SIZE_STEP, side, value=min(d.width, side), step=SIZE_STEP, label="Width")
-            height = gr.Slider(SIZE_STEP, side, value=min(d.height, side), step=SIZE_STEP, label="Height")
-        with gr.Row():
-            seed = gr.Number(
-                value=-1,
-                precision=0,
-                minimum=-1,
-                maximum=MAX_SEED,
-                label="Seed (−1 = random)",
-                elem_id=f"{prefix}-seed",
-            )
-            random_seed = gr.Button("Random", scale=0, min_width=70, elem_id=f"{prefix}-random-seed")
-            reuse_seed = gr.Button("Reuse last", scale=0, min_width=90, elem_id=f"{prefix}-reuse-seed")
-            batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count")
+    with gr.Row():
+        steps = gr.Slider(1, 150, value=d.num_inference_steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
+        guidance = gr.Slider(0, 20, value=d.guidance_scale, step=0.1, label="Guidance (CFG)")
+    with gr.Row():
+        width = gr.Slider(SIZE_STEP, side, value=min(d.width, side), step=SIZE_STEP, label="Width")
+        height = gr.Slider(SIZE_STEP, side, value=min(d.height, side), step=SIZE_STEP, label="Height")
+    with gr.Row(equal_height=True):
+        seed = gr.Number(
+            value=-1,
+            precision=0,
+            minimum=-1,
+            maximum=MAX_SEED,
+            label="Seed (−1 = random)",
+            elem_id=f"{prefix}-seed",
+        )
+        random_seed = gr.Button("Random", scale=0, min_width=70, elem_id=f"{prefix}-random-seed")
+        reuse_seed = gr.Button("Reuse last", scale=0, min_width=90, elem_id=f"{prefix}-reuse-seed")
+        batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count", elem_id=f"{prefix}-batch")
+    with gr.Accordion("More", open=False, elem_id=f"{prefix}-settings"):
         with gr.Row():
             sampler = gr.Dropdown(list(setting("sampler").choices), value=d.sampler, label="Sampler")
             shift = gr.Slider(0.1, 10, value=d.shift, step=0.1, label="Shift")
