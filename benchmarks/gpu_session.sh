@@ -10,7 +10,9 @@
 # usage: benchmarks/gpu_session.sh OUT_DIR [TOTAL_SECONDS=520] [BENCH_SECONDS=200 (0: no benchmark)]
 # env: DEVICE (cuda), INIT_FROM (model folder to resume from), INIT_STEP, GROW_DEPTH (deepen the transformer to this
 #   many blocks first; new blocks start as identity), TWO_OBJECT_SHARE (probability of a two-object scene; default
-#   one or two equally likely), BATCH_SIZE (256), LR (5e-4), DATA_WORKERS (12), EVAL_N (0),
+#   one or two equally likely), BATCH_SIZE (256), LR (5e-4), RENDERER (torch: scenes rasterised on the GPU; pil:
+#   PIL in DATA_WORKERS processes), DATA_WORKERS (12, pil only), TOKEN_LOSS / NEGATIVE_LOSS (weights of the binding
+#   terms, default 0), COMPILE (1: torch.compile the transformer), EVAL_N (0),
 #   EVAL_SECONDS (90), EVAL_VARIANTS (fp32 nf4 int8), STEPS / GUIDANCE / SHIFT (sampling defaults written into the
 #   exported folder: 24 / 6 / 1)
 # Needs a Python with CUDA torch, transformers, safetensors, tokenizers, tqdm; diffusers and bitsandbytes for the
@@ -35,11 +37,14 @@ echo "== training for ${budget} s of steps (after $((SECONDS - begin)) s)"
 run=/tmp/shapesworld-gpu
 rm -rf "$run" /tmp/shapesworld-export
 timeout --signal=INT $((budget + 60)) "$python" -m workbench.shapesworld train --stage transformer \
-  --init-from "${INIT_FROM:-models/shapesworld-moe}" ${INIT_STEP:+--init-step "$INIT_STEP"} ${GROW_DEPTH:+--grow-depth "$GROW_DEPTH"} ${TWO_OBJECT_SHARE:+--two-object-share "$TWO_OBJECT_SHARE"} --run "$run" --device "${DEVICE:-cuda}" --data-workers "${DATA_WORKERS:-12}" \
+  --init-from "${INIT_FROM:-models/shapesworld-moe}" ${INIT_STEP:+--init-step "$INIT_STEP"} ${GROW_DEPTH:+--grow-depth "$GROW_DEPTH"} ${TWO_OBJECT_SHARE:+--two-object-share "$TWO_OBJECT_SHARE"} \
+  ${TOKEN_LOSS:+--token-loss "$TOKEN_LOSS"} ${NEGATIVE_LOSS:+--negative-loss "$NEGATIVE_LOSS"} \
+  --renderer "${RENDERER:-torch}" $([ "${COMPILE:-0}" = 1 ] && echo --compile) --run "$run" --device "${DEVICE:-cuda}" --data-workers "${DATA_WORKERS:-12}" \
   --batch-size "${BATCH_SIZE:-256}" --lr "${LR:-5e-4}" --steps 1000000 --time-budget "$budget" \
   --checkpoint-every 2000 > "$out/train.log" 2>&1
 echo "training exit $?"
 tr '\r' '\n' < "$out/train.log" | grep -v '^$' | tail -n 4
+grep -E '^trained on' "$out/train.log"
 cp "$run/transformer.json" "$out/" 2>/dev/null
 gzip -c "$run/transformer_log.jsonl" > "$out/transformer_log.jsonl.gz" 2>/dev/null
 "$python" -m workbench.shapesworld export --run "$run" --out /tmp/shapesworld-export \

@@ -73,3 +73,37 @@ def test_time_budget_fits_the_schedule_to_the_measured_speed():
     # 30 steps took 10 s → 3 s/step → 90 s left reach 270 more steps.
     assert _fit_steps_to_budget(config, start=0, step=30, elapsed=10.0) == 300
     assert _fit_steps_to_budget(config, start=0, step=30, elapsed=150.0) == 31
+
+
+def test_binding_terms_train_and_are_logged(tmp_path):
+    from workbench.models.vae import AutoencoderKL
+    from workbench.shapesworld.train import batch_scenes, train_batches
+
+    spec = ShapesWorldSpec.micro()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(spec.vae_config()).eval().requires_grad_(False)
+    config = TrainConfig(
+        steps=40,
+        batch_size=8,
+        lr=3e-3,
+        warmup=2,
+        checkpoint_every=40,
+        threads=1,
+        two_object_share=1.0,
+        token_loss_weight=5.0,
+        negative_loss_weight=1.0,
+    )
+    train_transformer(tmp_path, spec, config, vae, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "transformer_log.jsonl").read_text().splitlines()]
+    token = [row["token"] for row in lines if "token" in row]
+    negative = [row["negative"] for row in lines if "negative" in row]
+    assert len(token) == len(negative) == 40
+    assert all(0 <= value <= 1 for value in token)
+    assert sum(token[-5:]) / 5 < 0.9 * sum(token[:5]) / 5, "the attention moves onto each object's mask"
+    assert any(value > 0 for value in negative)
+    assert [row["run"]["images"] for row in lines if "run" in row] == [320]
+    # The torch renderer draws the scenes (and captions) of the PIL batches of the same step.
+    batch = next(train_batches(3, TrainConfig(batch_size=4)))
+    assert batch.captions == [s.caption for s in batch_scenes(3, TrainConfig(batch_size=4))]
+    assert batch.captions == next(step_batches(3, TrainConfig(batch_size=4)))[1]
+    assert batch.coverage.shape[:2] == (4, 2)

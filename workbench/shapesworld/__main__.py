@@ -52,6 +52,12 @@ def _train(args: argparse.Namespace) -> int:
             data_workers=args.data_workers,
             time_budget=args.time_budget,
             two_object_share=args.two_object_share,
+            renderer=args.renderer,
+            token_loss_weight=args.token_loss,
+            token_loss_blocks=tuple(args.token_loss_blocks) if args.token_loss_blocks else None,
+            negative_loss_weight=args.negative_loss,
+            negative_margin=args.negative_margin,
+            compile=args.compile,
             **common,
         )
         vae = load_trained_vae(run, spec, config)
@@ -188,6 +194,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="probability of a two-object scene in the transformer's batches (default: one or two equally likely)",
     )
+    train.add_argument(
+        "--renderer",
+        choices=["torch", "pil"],
+        default="torch",
+        help="torch: scenes rasterised on the training device (gives the object masks); pil: PIL in --data-workers",
+    )
+    train.add_argument(
+        "--token-loss",
+        type=float,
+        default=0.0,
+        help="weight of the attention-to-mask loss (each object's words attend to its image tokens)",
+    )
+    train.add_argument(
+        "--token-loss-blocks", type=int, nargs="+", default=None, help="blocks whose attention it supervises (all)"
+    )
+    train.add_argument(
+        "--negative-loss",
+        type=float,
+        default=0.0,
+        help="weight of the hard-negative term (two-object captions with colours/shapes swapped or relation flipped)",
+    )
+    train.add_argument("--negative-margin", type=float, default=0.05, help="margin of the hard-negative term")
+    train.add_argument("--compile", action="store_true", help="torch.compile the transformer for training")
     train.add_argument(
         "--init-from", default=None, help="seed an empty run folder from an exported model (models/shapesworld-moe)"
     )

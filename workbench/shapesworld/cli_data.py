@@ -36,14 +36,14 @@ def run_render(args: argparse.Namespace) -> int:
 
 
 def run_eval_renders(args: argparse.Namespace) -> int:
-    """Print the evaluator's accuracy on the dataset's own renders (with ``--through-vae``: after a round trip through
-    a model's VAE); exit code 1 if any attribute is below 99%."""
+    """Print the evaluator's accuracy on the dataset's own renders (PIL or torch, ``--renderer``; with
+    ``--through-vae``: after a round trip through a model's VAE); exit code 1 if any attribute is below 99%."""
     vae = None
     if args.through_vae is not None:
         from workbench import load_pipeline
 
         vae = load_pipeline(args.through_vae or None).vae
-    results = evaluate_renders(args.n, args.seed, sizes=args.sizes, vae=vae)
+    results = evaluate_renders(args.n, args.seed, sizes=args.sizes, vae=vae, renderer=args.renderer)
     print(format_table(results))
     worst = min(acc for result in results.values() for group in result["accuracy"].values() for acc in group.values())
     return 0 if worst >= 0.99 else 1
@@ -85,5 +85,11 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="MODEL",
         help="score the renders after encode → decode through MODEL's VAE (default: the embedded model)",
+    )
+    check_parser.add_argument(
+        "--renderer",
+        choices=("pil", "torch"),
+        default="pil",
+        help="pil: world.render; torch: the trainer's on-device rasteriser (raster.render_scenes)",
     )
     check_parser.set_defaults(run=run_eval_renders)

@@ -504,11 +504,19 @@ def evaluate(
     }
 
 
-def render_generate_fn(height: int = 128, width: int = 128) -> GenerateFn:
-    """A ``generate_fn`` that draws the ground truth: ``render(scene_from_caption(caption, Random(seed)))``."""
+def render_generate_fn(height: int = 128, width: int = 128, renderer: str = "pil") -> GenerateFn:
+    """A ``generate_fn`` that draws the ground truth, ``scene_from_caption(caption, Random(seed))``, with the PIL
+    renderer (``world.render``) or the torch rasteriser of the trainer (``raster.render_scenes``)."""
+    if renderer not in ("pil", "torch"):
+        raise ValueError(f"renderer must be 'pil' or 'torch', got {renderer!r}")
 
     def generate(captions: list[str], seeds: list[int]) -> list[Image.Image]:
-        return [render(scene_from_caption(c, random.Random(s), height, width)) for c, s in zip(captions, seeds)]
+        scenes = [scene_from_caption(c, random.Random(s), height, width) for c, s in zip(captions, seeds)]
+        if renderer == "pil":
+            return [render(scene) for scene in scenes]
+        from workbench.shapesworld.raster import render_scenes
+
+        return tensor_to_images(render_scenes(scenes)[0])
 
     return generate
 
@@ -531,13 +539,14 @@ def evaluate_renders(
     sizes: Sequence[int | tuple[int, int]] = CANVAS_SIZES,
     kind: str = "both",
     vae: torch.nn.Module | None = None,
+    renderer: str = "pil",
 ) -> dict[str, dict[str, Any]]:
-    """Self-check: evaluate the dataset's own renders on each canvas size ("HxW" -> ``evaluate`` results); with
-    ``vae``, the renders after a round trip through it (see :func:`through_vae`)."""
+    """Self-check: evaluate the dataset's own renders (``renderer`` "pil" or "torch") on each canvas size ("HxW" ->
+    ``evaluate`` results); with ``vae``, the renders after a round trip through it (see :func:`through_vae`)."""
     results = {}
     for size in sizes:
         height, width = (size, size) if isinstance(size, int) else size
-        generate = render_generate_fn(height, width)
+        generate = render_generate_fn(height, width, renderer)
         generate = generate if vae is None else through_vae(generate, vae)
         results[f"{height}x{width}"] = evaluate(generate, n, seed, kind, height, width)
     return results

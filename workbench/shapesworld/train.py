@@ -1,7 +1,13 @@
 """Training the embedded model on ShapesWorld: first the VAE, then text encoders + MoE-MMDiT with rectified flow.
 
 Objective (SD3): ``x_t = (1 − t)·x0 + t·ε``, target ``v = ε − x0``, t logit-normal(0, 1) then shifted by
-resolution (``s = sqrt(N / 64)`` for N image tokens), plus the MoE load-balancing loss. Classifier-free guidance
+resolution (``s = sqrt(N / 64)`` for N image tokens), plus the MoE load-balancing loss, and optionally two binding
+terms: the attention-to-mask token loss (:mod:`workbench.shapesworld.binding`, weight ``token_loss_weight``) and a
+hard-negative term (``negative_loss_weight``): for a two-object canonical caption c and its edit c′ that keeps the
+words but swaps which object they belong to (colours swapped, shapes swapped or relation flipped), the flow error
+with c′ must exceed the error with c by ``negative_margin``: ``relu(err(c) + m − err(c′))``, err(c) held fixed.
+Scenes are rendered on the training device by :mod:`workbench.shapesworld.raster` (``renderer="torch"``, which also
+gives the object masks) or by PIL in worker processes (``renderer="pil"``). Classifier-free guidance
 is learned through empty captions, random word masking and independent dropout of the CLIP and T5 conditioning.
 Runs on CPU with bf16 autocast where the CPU has fast bf16 (AMX / AVX-512 BF16), keeps an EMA of the weights,
 clips gradients, logs loss per timestep bin, and checkpoints (safetensors + JSON) so a run resumes where it stopped.
@@ -13,6 +19,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,8 +29,11 @@ from tqdm import tqdm
 
 from workbench.models.vae import AutoencoderKL
 from workbench.pipeline import Pipeline
+from workbench.shapesworld.binding import AttentionProbe, token_loss, token_masks, word_targets
 from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
-from workbench.shapesworld.world import make_batch, uint8_to_unit
+from workbench.shapesworld.raster import SceneTensors, rasterize
+from workbench.shapesworld.sensitivity import edited_caption
+from workbench.shapesworld.world import Scene, make_batch, sample_batch_scenes, uint8_to_unit
 
 SIZES = ((128, 128), (128, 128), (128, 128), (96, 96), (160, 160), (96, 128), (128, 96), (160, 128), (128, 160))
 TIME_BINS = 10
@@ -55,6 +65,12 @@ class TrainConfig:
     data_workers: int = 0
     time_budget: float | None = None
     two_object_share: float | None = None
+    renderer: str = "torch"
+    token_loss_weight: float = 0.0
+    token_loss_blocks: tuple[int, ...] | None = None
+    negative_loss_weight: float = 0.0
+    negative_margin: float = 0.05
+    compile: bool = False
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -140,19 +156,48 @@ def _setup(config: TrainConfig) -> bool:
     return torch.device(config.device).type == "cuda" or cpu_has_fast_bf16()
 
 
-def _batch(step: int, config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """The images (B, 3, H, W) as uint8 pixels (a quarter of the bytes to pass between processes) and captions."""
+def _batch_seed_and_size(step: int, config: TrainConfig) -> tuple[int, int, int]:
     seed = config.seed * 1_000_003 + step
     height, width = SIZES[random.Random(seed).randrange(len(SIZES))]
+    return seed, height, width
+
+
+def _batch(step: int, config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+    """The images (B, 3, H, W) as uint8 pixels (a quarter of the bytes to pass between processes) and captions."""
+    seed, height, width = _batch_seed_and_size(step, config)
     return make_batch(seed, config.batch_size, height, width, uint8=True, two_object_share=config.two_object_share)
 
 
-class _StepBatches(torch.utils.data.IterableDataset):
-    """The batches of steps ``start, start + 1, …`` (endless); worker ``i`` of ``n`` renders steps ``≡ i (mod n)``,
-    which the DataLoader's round-robin hands back in step order, so the data do not depend on the worker count."""
+def batch_scenes(step: int, config: TrainConfig) -> list[Scene]:
+    """The scenes of step ``step`` (those :func:`_batch` renders with PIL)."""
+    seed, height, width = _batch_seed_and_size(step, config)
+    return sample_batch_scenes(seed, config.batch_size, height, width, two_object_share=config.two_object_share)
 
-    def __init__(self, start: int, config: TrainConfig) -> None:
-        self.start, self.config = start, config
+
+@dataclass
+class TrainBatch:
+    """One step's data on the training device: ``images (B, 3, H, W)`` in [−1, 1], captions, and with the torch
+    renderer the scenes and each object's pixel coverage ``(B, 2, H, W)``."""
+
+    images: torch.Tensor
+    captions: list[str]
+    scenes: list[Scene] | None = None
+    coverage: torch.Tensor | None = None
+
+
+def _scene_batch(step: int, config: TrainConfig) -> tuple[list[Scene], SceneTensors]:
+    """The scenes of step ``step`` and their tensors (on the CPU), for the on-device rasteriser."""
+    scenes = batch_scenes(step, config)
+    return scenes, SceneTensors.from_scenes(scenes)
+
+
+class _StepBatches(torch.utils.data.IterableDataset):
+    """The batches of steps ``start, start + 1, …`` (endless): ``make`` of each step, :func:`_batch` (PIL pixels) by
+    default; worker ``i`` of ``n`` makes steps ``≡ i (mod n)``, which the DataLoader's round-robin hands back in step
+    order, so the data do not depend on the worker count."""
+
+    def __init__(self, start: int, config: TrainConfig, make=None) -> None:
+        self.start, self.config, self.make = start, config, make or _batch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -161,14 +206,14 @@ class _StepBatches(torch.utils.data.IterableDataset):
             torch.set_num_threads(1)
         step = self.start + worker
         while True:
-            yield _batch(step, self.config)
+            yield self.make(step, self.config)
             step += workers
 
 
-def step_batches(start: int, config: TrainConfig):
-    """Iterator over the training batches from step ``start``: rendered in ``config.data_workers`` processes
-    (ahead of the model) when that is > 0, else inline."""
-    dataset = _StepBatches(start, config)
+def step_batches(start: int, config: TrainConfig, make=None):
+    """Iterator over ``make(step, config)`` (default: the PIL-rendered batches) from step ``start``: made in
+    ``config.data_workers`` processes (ahead of the model) when that is > 0, else inline."""
+    dataset = _StepBatches(start, config, make)
     if config.data_workers <= 0:
         return iter(dataset)
     loader = torch.utils.data.DataLoader(
@@ -180,6 +225,22 @@ def step_batches(start: int, config: TrainConfig):
         persistent_workers=False,
     )
     return iter(loader)
+
+
+def train_batches(start: int, config: TrainConfig) -> Iterator[TrainBatch]:
+    """The training batches from step ``start`` on ``config.device``: scenes sampled (in ``config.data_workers``
+    processes, or inline) and rasterised on the device (``renderer="torch"``), or PIL renders (``renderer="pil"``).
+    Both give the same scenes and captions for a step."""
+    device = torch.device(config.device)
+    if config.renderer == "pil":
+        for pixels, captions in step_batches(start, config):
+            yield TrainBatch(uint8_to_unit(pixels.to(device, non_blocking=True)), captions)
+    elif config.renderer == "torch":
+        for scenes, tensors in step_batches(start, config, _scene_batch):
+            images, coverage = rasterize(tensors.to(device, non_blocking=True))
+            yield TrainBatch(images.div_(127.5).sub_(1.0), [scene.caption for scene in scenes], scenes, coverage)
+    else:
+        raise ValueError(f"renderer must be 'torch' or 'pil', got {config.renderer!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------- VAE
@@ -325,22 +386,56 @@ def mask_words(caption: str, rng: random.Random, prob: float, unknown: str = "xq
     return " ".join(unknown if rng.random() < prob else w for w in caption.split())
 
 
-def _condition(
-    pipe: Pipeline, captions: list[str], step: int, config: TrainConfig
+@dataclass
+class Condition:
+    """The text conditioning of one step: embeds ``(B, L, D)`` and pooled ``(B, P)`` after caption dropout, word
+    masking and per-encoder dropout; the captions actually encoded and which encoders were kept per sample."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    captions: list[str]
+    keep_clip: list[bool]
+    keep_t5: list[bool]
+
+
+def _encode_with_dropout(
+    pipe: Pipeline, captions: list[str], keep_clip: list[bool], keep_t5: list[bool]
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    embeds, pooled = pipe.text_encoders.embed(captions, max_sequence_length=pipe.text_encoders.t5_sequence_length())
+    clip_length = pipe.text_encoders.tokenizer_max_length
+    keep = dict(dtype=embeds.dtype, device=embeds.device)
+    clip = torch.tensor(keep_clip, **keep)
+    t5 = torch.tensor(keep_t5, **keep)
+    mask = torch.ones(embeds.shape[:2] + (1,), **keep)
+    mask[:, :clip_length] = clip[:, None, None]
+    mask[:, clip_length:] = t5[:, None, None]
+    return embeds * mask, pooled * clip[:, None]
+
+
+def _condition(pipe: Pipeline, captions: list[str], step: int, config: TrainConfig) -> Condition:
     rng = random.Random(step * 7 + 1)
     captions = [
         "" if rng.random() < config.caption_dropout else mask_words(c, rng, config.word_mask_prob) for c in captions
     ]
-    embeds, pooled = pipe.text_encoders.embed(captions, max_sequence_length=pipe.text_encoders.t5_sequence_length())
-    clip_length = pipe.text_encoders.tokenizer_max_length
-    keep = dict(dtype=embeds.dtype, device=embeds.device)
-    keep_clip = torch.tensor([rng.random() >= config.encoder_dropout for _ in captions], **keep)
-    keep_t5 = torch.tensor([rng.random() >= config.encoder_dropout for _ in captions], **keep)
-    mask = torch.ones(embeds.shape[:2] + (1,), **keep)
-    mask[:, :clip_length] = keep_clip[:, None, None]
-    mask[:, clip_length:] = keep_t5[:, None, None]
-    return embeds * mask, pooled * keep_clip[:, None]
+    keep_clip = [rng.random() >= config.encoder_dropout for _ in captions]
+    keep_t5 = [rng.random() >= config.encoder_dropout for _ in captions]
+    embeds, pooled = _encode_with_dropout(pipe, captions, keep_clip, keep_t5)
+    return Condition(embeds, pooled, captions, keep_clip, keep_t5)
+
+
+def hard_negatives(captions: list[str], rng: random.Random) -> list[tuple[int, str]]:
+    """(index, edited caption) for every two-object canonical caption: colours swapped, shapes swapped or relation
+    flipped, chosen at random among the edits that change the caption."""
+    out = []
+    for i, caption in enumerate(captions):
+        try:
+            edits = [edited_caption(caption, e) for e in ("colours swapped", "shapes swapped", "relation flipped")]
+        except ValueError:
+            continue  # not canonical, or a one-object caption
+        edits = [e for e in edits if e is not None and e != caption]
+        if edits:
+            out.append((i, rng.choice(edits)))
+    return out
 
 
 def sample_timesteps(batch: int, tokens: int, generator: torch.Generator) -> torch.Tensor:
@@ -350,17 +445,70 @@ def sample_timesteps(batch: int, tokens: int, generator: torch.Generator) -> tor
     return s * t / (1 + (s - 1) * t)
 
 
+def flow_inputs(
+    latents: torch.Tensor, patch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, t, target)`` for clean latents ``(B, C, H, W)``: logit-normal shifted t, ``x_t = (1 − t)·x0 + t·ε``,
+    ``target = ε − x0``."""
+    tokens = latents.shape[-2] * latents.shape[-1] // patch_size**2
+    t = sample_timesteps(latents.shape[0], tokens, generator)
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+    x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
+    return x_t, t, noise - latents
+
+
 def flow_loss(
     pipe: Pipeline, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample rectified-flow loss ``‖v_θ(x_t, t) − (ε − x0)‖²`` and the times t used."""
-    batch = latents.shape[0]
-    tokens = latents.shape[-2] * latents.shape[-1] // pipe.transformer.config.patch_size**2
-    t = sample_timesteps(batch, tokens, generator)
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
-    x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
+    x_t, t, target = flow_inputs(latents, pipe.transformer.config.patch_size, generator)
     prediction = pipe.transformer(x_t, embeds, pooled, t * 1000).float()
-    return (prediction - (noise - latents)).pow(2).flatten(1).mean(1), t
+    return (prediction - target).pow(2).flatten(1).mean(1), t
+
+
+def binding_token_loss(
+    probe: AttentionProbe, condition: Condition, batch: TrainBatch, grid: tuple[int, int], clip_length: int
+) -> torch.Tensor:
+    """Mean of :func:`binding.token_loss` over the probed blocks, for the words of ``condition.captions``."""
+    words = word_targets(
+        condition.captions,
+        batch.scenes,
+        clip_length,
+        condition.embeds.shape[1],
+        condition.keep_clip,
+        condition.keep_t5,
+    ).to(condition.embeds.device)
+    masks = token_masks(batch.coverage, grid)
+    return torch.stack([token_loss(attention, words, masks) for attention in probe.maps()]).mean()
+
+
+def negative_loss(
+    pipe: Pipeline,
+    forward,
+    condition: Condition,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    target: torch.Tensor,
+    per_sample: torch.Tensor,
+    step: int,
+    margin: float,
+) -> torch.Tensor:
+    """The hard-negative term ``mean relu(err(c) + margin − err(c′))`` over the batch's two-object canonical captions
+    (0 when there are none); err(c) is held fixed so only the edited caption's prediction is pushed away."""
+    negatives = hard_negatives(condition.captions, random.Random(step * 13 + 5))
+    if not negatives:
+        return per_sample.sum() * 0
+    index = [i for i, _ in negatives]
+    embeds, pooled = _encode_with_dropout(
+        pipe,
+        [c for _, c in negatives],
+        [condition.keep_clip[i] for i in index],
+        [condition.keep_t5[i] for i in index],
+    )
+    rows = torch.tensor(index, device=x_t.device)
+    prediction = forward(x_t[rows], embeds, pooled, t[rows] * 1000).float()
+    err_negative = (prediction - target[rows]).pow(2).flatten(1).mean(1)
+    return torch.relu(per_sample.detach()[rows] + margin - err_negative).mean()
 
 
 def train_transformer(
@@ -393,8 +541,14 @@ def train_transformer(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
         betas=(0.9, 0.99),
-        fused=device.type == "cuda" or None,
+        fused=True,
     )
+    forward = torch.compile(pipe.transformer, dynamic=True) if config.compile else pipe.transformer
+    if config.token_loss_weight > 0 and config.renderer != "torch":
+        raise ValueError("token_loss_weight > 0 needs renderer='torch' (the object masks come from it)")
+    probe = AttentionProbe(pipe.transformer, config.token_loss_blocks) if config.token_loss_weight > 0 else None
+    patch = pipe.transformer.config.patch_size
+    clip_length = pipe.text_encoders.tokenizer_max_length
     ema = EMA(modules, config.ema_decay)
     ema.shadow.update({k[4:]: v.float().to(device) for k, v in tensors.items() if k.startswith("ema.")})
     _restore_optimizer(optimizer, named, {k: v.to(device) for k, v in tensors.items() if k.startswith("opt.")})
@@ -403,8 +557,9 @@ def train_transformer(
     generator = torch.Generator(device).manual_seed(config.seed + start)
     bar = tqdm(initial=start, total=config.steps, desc="mmdit", disable=not progress)
     log = (run / "transformer_log.jsonl").open("a")
-    batches = step_batches(start, config)
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    batches = train_batches(start, config)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    run_clock, run_images = time.perf_counter(), 0
     running, clock, step = None, time.perf_counter(), start
     since, data_wait = clock, 0.0  # start of the pending steps, and their seconds spent waiting for batches
 
@@ -414,21 +569,28 @@ def train_transformer(
         nonlocal running, since, data_wait
         if not pending:
             return
-        per_sample, times, aux, grads = (torch.stack(column).float().cpu() for column in list(zip(*pending))[1:])
-        for (index, *_), losses, t_values, aux_value, grad in zip(pending, per_sample, times, aux, grads):
+        columns = (torch.stack(column).float().cpu() for column in list(zip(*pending))[1:])
+        per_sample, times, aux, grads, tokens, negatives = columns
+        for (index, *_), losses, t_values, aux_value, grad, token_value, negative_value in zip(
+            pending, per_sample, times, aux, grads, tokens, negatives
+        ):
             for value, time_value in zip(losses.tolist(), t_values.tolist()):
                 time_bin = min(TIME_BINS - 1, int(time_value * TIME_BINS))
                 bins["sum"][time_bin] += value
                 bins["count"][time_bin] += 1
             mean_loss = losses.mean().item()
             running = mean_loss if running is None else 0.98 * running + 0.02 * mean_loss
-            log.write(json.dumps({"step": index, "loss": mean_loss, "aux": aux_value.item(), "grad": grad.item()}))
-            log.write("\n")
-        bar.set_postfix(loss=f"{running:.4f}", aux=f"{aux[-1].item():.3f}")
+            record = {"step": index, "loss": mean_loss, "aux": aux_value.item(), "grad": grad.item()}
+            if config.token_loss_weight > 0:
+                record["token"] = token_value.item()
+            if config.negative_loss_weight > 0:
+                record["negative"] = negative_value.item()
+            log.write(json.dumps(record) + "\n")
         now = time.perf_counter()
-        log.write(
-            json.dumps({"step": pending[-1][0], "steps": len(pending), "seconds": now - since, "data_wait": data_wait})
-        )
+        images_per_s = len(pending) * config.batch_size / max(now - since, 1e-9)
+        bar.set_postfix(loss=f"{running:.4f}", aux=f"{aux[-1].item():.3f}", img_s=f"{images_per_s:.0f}")
+        timing = {"step": pending[-1][0], "steps": len(pending), "seconds": now - since, "data_wait": data_wait}
+        log.write(json.dumps({**timing, "images_per_s": images_per_s}))
         log.write("\n")
         since, data_wait = now, 0.0
         pending.clear()
@@ -437,22 +599,43 @@ def train_transformer(
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config, warm_from)
         waiting = time.perf_counter()
-        pixels, captions = next(batches)
+        batch = next(batches)
         data_wait += time.perf_counter() - waiting
-        images = uint8_to_unit(pixels.to(device, non_blocking=True))
         with torch.no_grad(), _autocast(bf16, device.type):
-            latents = vae.scale_latents(vae.encode(images).sample(generator).float())
+            latents = vae.scale_latents(vae.encode(batch.images).sample(generator).float())
+        zero = torch.zeros((), device=device)
+        token, negative = zero, zero
         with _autocast(bf16, device.type):
-            embeds, pooled = _condition(pipe, captions, step, config)
-            per_sample, t = flow_loss(pipe, latents, embeds, pooled, generator)
+            condition = _condition(pipe, batch.captions, step, config)
+            x_t, t, target = flow_inputs(latents, patch, generator)
+            if probe is not None:
+                with probe:
+                    prediction = forward(x_t, condition.embeds, condition.pooled, t * 1000).float()
+                grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
+                token = binding_token_loss(probe, condition, batch, grid, clip_length)
+            else:
+                prediction = forward(x_t, condition.embeds, condition.pooled, t * 1000).float()
+            per_sample = (prediction - target).pow(2).flatten(1).mean(1)
             aux = pipe.transformer.aux_loss()
-        loss = per_sample.mean() + config.aux_loss_weight * aux.float()
+            if config.negative_loss_weight > 0:
+                negative = negative_loss(
+                    pipe, forward, condition, x_t, t, target, per_sample, step, config.negative_margin
+                )
+        loss = (
+            per_sample.mean()
+            + config.aux_loss_weight * aux.float()
+            + config.token_loss_weight * token
+            + config.negative_loss_weight * negative
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(modules.parameters(), config.grad_clip)
         optimizer.step()
         ema.update(modules, step)
-        pending.append((step, per_sample.detach(), t.detach(), aux.detach(), grad_norm.detach()))
+        run_images += len(batch.captions)
+        pending.append(
+            (step, per_sample.detach(), t.detach(), aux.detach(), grad_norm.detach(), token.detach(), negative.detach())
+        )
         step += 1
         bar.update(1)
         if len(pending) >= LOG_EVERY:
@@ -479,7 +662,12 @@ def train_transformer(
             log.flush()
     flush()
     bar.close()
+    seconds = time.perf_counter() - run_clock
+    summary = {"images": run_images, "seconds": seconds, "images_per_s": run_images / max(seconds, 1e-9)}
+    log.write(json.dumps({"run": summary}) + "\n")
     log.close()
+    if progress:
+        print(f"trained on {run_images} images in {seconds:.0f} s: {summary['images_per_s']:.1f} images/s")
     ema.copy_to(modules)
     modules.eval()
     for component in (pipe.transformer, pipe.text_encoders, vae):

@@ -490,6 +490,27 @@ def uint8_to_unit(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div_(127.5).sub_(1.0)
 
 
+def sample_batch_scenes(
+    seed: int,
+    batch_size: int,
+    height: int = 128,
+    width: int = 128,
+    caption_style: str = "any",
+    two_object_share: float | None = None,
+) -> list[Scene]:
+    """``batch_size`` random scenes, deterministic by seed (the scenes of :func:`make_batch`).
+    ``two_object_share``: probability of a two-object scene (None: one or two objects equally likely, drawn by
+    ``sample_scene``)."""
+    if two_object_share is not None and not 0 <= two_object_share <= 1:
+        raise ValueError(f"two_object_share must be in [0, 1], got {two_object_share}")
+    rng = random.Random(seed)
+    scenes = []
+    for _ in range(batch_size):
+        kind = None if two_object_share is None else ("two" if rng.random() < two_object_share else "one")
+        scenes.append(sample_scene(rng, height, width, kind=kind, caption_style=caption_style))
+    return scenes
+
+
 def make_batch(
     seed: int,
     batch_size: int,
@@ -499,14 +520,7 @@ def make_batch(
     uint8: bool = False,
     two_object_share: float | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
-    """``batch_size`` random scenes, deterministic by seed: (images (B, 3, H, W) float in [-1, 1] — or uint8 pixels
-    with ``uint8`` —, captions). ``two_object_share``: probability of a two-object scene (None: one or two objects
-    equally likely, drawn by ``sample_scene``)."""
-    if two_object_share is not None and not 0 <= two_object_share <= 1:
-        raise ValueError(f"two_object_share must be in [0, 1], got {two_object_share}")
-    rng = random.Random(seed)
-    scenes = []
-    for _ in range(batch_size):
-        kind = None if two_object_share is None else ("two" if rng.random() < two_object_share else "one")
-        scenes.append(sample_scene(rng, height, width, kind=kind, caption_style=caption_style))
+    """The scenes of :func:`sample_batch_scenes` rendered with PIL: (images (B, 3, H, W) float in [-1, 1] — or uint8
+    pixels with ``uint8`` —, captions)."""
+    scenes = sample_batch_scenes(seed, batch_size, height, width, caption_style, two_object_share)
     return images_to_tensor([render(scene) for scene in scenes], uint8), [scene.caption for scene in scenes]
