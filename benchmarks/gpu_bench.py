@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import TEXT_TOKENS, random_state, sd3_config, step_inputs, table  # noqa: E402  (benchmarks/bench.py)
+
 from workbench import memory  # noqa: E402
-from workbench.bench import TEXT_TOKENS, random_state, sd3_config, step_inputs, table  # noqa: E402
 from workbench.loading import _materialize  # noqa: E402
 from workbench.models.mmdit import MMDiTConfig  # noqa: E402
 

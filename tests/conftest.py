@@ -23,3 +23,34 @@ def tiny_sd3_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sd3")
     pipe = save_tiny_sd3_pipeline(folder, seed=0, variant="sd3")
     return folder, pipe
+
+
+CI_REQUIRED_SKIPS = ("could not import", "chromium")
+"""Skip reasons that mean a missing dev dependency or browser: failures under CI=true (``.ci/run`` installs them)."""
+
+
+def _required_skip(report: pytest.CollectReport | pytest.TestReport) -> str | None:
+    """The skip reason of ``report`` when it is a missing dependency under CI=true, else None."""
+    if os.environ.get("CI", "").lower() != "true" or not report.skipped or hasattr(report, "wasxfail"):
+        return None
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    return reason if any(word in reason.lower() for word in CI_REQUIRED_SKIPS) else None
+
+
+def _fail_required_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    reason = _required_skip(report)
+    if reason is not None:
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a missing dev dependency is a failure, not a skip ({reason})"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_required_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_required_skip(outcome.get_result())

@@ -28,7 +28,6 @@ LAYERS: list[tuple[str, ...]] = [
         "workbench.lora_training",
         "workbench.onnx_export",
         "workbench.shapesworld",
-        "workbench.bench",
     ),
     ("workbench.ui", "workbench.cli", "workbench.__main__"),
 ]
@@ -175,3 +174,15 @@ def test_type_checking_imports_do_not_count():
     assert _imported(tree, modules, "workbench.offload") == set()
     tree = ast.parse("def f():\n    from workbench.kernels import PackedLinear\n")
     assert _imported(tree, modules, "workbench.lora") == {"workbench.kernels"}
+
+
+def test_the_package_never_imports_diffusers():
+    """diffusers is a test and benchmark dependency only (docs/design.md, "Architecture")."""
+    found = []
+    for name, path in module_names().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            found += [f"{name} imports {m}" for m in modules if m.split(".")[0] == "diffusers"]
+    assert found == []

@@ -1,6 +1,7 @@
 """Memory and speed benchmark of the workbench against diffusers; prints markdown tables.
 
-``python -m workbench.bench [--quick]`` (or ``python -m workbench bench``). Sections:
+``python benchmarks/bench.py [--quick]`` (or ``python -m workbench bench`` from a checkout). It lives outside the
+package because it imports diffusers, which the workbench itself never does at run time. Sections:
 
 1. An SD3-Medium-width transformer (hidden 1536, 24 heads, patch 2, random weights) of reduced depth at 512²:
    seconds per guided step (one transformer call on the batch [negative; positive] of 2) for ours and diffusers'
@@ -35,6 +36,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the workbench of this checkout
 
 SD3_MEDIUM = {
     "sample_size": 128,
@@ -167,7 +170,7 @@ def extrapolate(bytes_: dict[str, int], depth: int, full_depth: int = 24) -> int
 
 def run_child(spec: dict, timeout: float = 3600) -> dict:
     """Run one measurement in a fresh process (clean peak RSS); returns its JSON result or {"error": …}."""
-    command = [sys.executable, "-m", "workbench.bench", "--child", json.dumps(spec)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1))}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -675,7 +678,7 @@ def section_shapesworld(n: int, precisions: tuple[str, ...], steps: int | None, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m workbench.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return parser
 
