@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One short GPU session, in parts that fail independently:
+#   0. benchmarks/shapesworld_data_speed.py on the GPU (OUT_DIR/data_speed.md, at most 60 s);
 #   1. benchmarks/gpu.sh (at most BENCH_SECONDS), its tables written to OUT_DIR/gpu_bench.md;
 #   2. the embedded model's transformer training resumed from models/shapesworld-moe on the GPU for the time left
 #      of TOTAL_SECONDS, then exported; OUT_DIR receives the training log and the exported folder as a tar.gz cut
@@ -26,6 +27,10 @@ python=${PYTHON:-python3}
 mkdir -p "$out"
 begin=$SECONDS
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
+
+echo "== data speed on the GPU (at most 60 s)"
+timeout 60 "$python" benchmarks/shapesworld_data_speed.py --device "${DEVICE:-cuda}" --batch-size 1024 \
+  > "$out/data_speed.md" 2>&1; grep -E '^\|' "$out/data_speed.md"
 
 if [ "$bench" -gt 0 ]; then
   echo "== benchmark (at most ${bench} s)"
