@@ -39,6 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the workbench of this checkout
 
+from workbench.viz import markdown_rows as table  # noqa: E402
+
 SD3_MEDIUM = {
     "sample_size": 128,
     "patch_size": 2,
@@ -184,12 +186,6 @@ def run_child(spec: dict, timeout: float = 3600) -> dict:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

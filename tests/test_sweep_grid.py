@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from workbench import sweep
+from workbench import sweep, viz
 
 PROMPTS = ["a red circle at the top on a white background", "a blue star at the center on a black background"]
 
@@ -151,7 +151,7 @@ def test_merge_results_folds_parts_once_and_ignores_a_torn_line(tmp_path):
 
 def test_draw_grid_places_tiles_under_labels():
     red, blue = Image.new("RGB", (32, 24), (255, 0, 0)), Image.new("RGB", (32, 24), (0, 0, 255))
-    grid = sweep.draw_grid([[red, blue], [blue, None]], ["guidance=1", "guidance=4"], ["seed=0", "seed=1"], "title")
+    grid = viz.labelled_grid([[red, blue], [blue, None]], ["guidance=1", "guidance=4"], ["seed=0", "seed=1"], "title")
     left, top = grid.width - 64, grid.height - 48
     assert grid.getpixel((left + 5, top + 5)) == (255, 0, 0)
     assert grid.getpixel((left + 37, top + 5)) == (0, 0, 255)

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
-from workbench import settings
+from workbench import settings, viz
 from workbench.metadata import save_png
 from workbench.settings import MAX_SEED
 
@@ -702,64 +701,11 @@ def run_sweep(config: SweepConfig, state=None, progress: bool = True) -> SweepSu
 # ----------------------------------------------------------------------------------------------------------- grids
 
 
-def _font(size: int = 12) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
 def _value_label(config: SweepConfig, axis: str, index: int) -> str:
     value = config.axis_values(axis)[index]
     if axis == "prompt":
         return f"p{index}: {value}"
     return f"{axis}={value if value is not None else 'default'}"
-
-
-def _wrap(text: str, width_px: int, font: ImageFont.ImageFont, max_lines: int = 3) -> list[str]:
-    chars = max(4, int(width_px / max(font.getlength("x"), 1)))
-    lines = textwrap.wrap(text, chars) or [""]
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1][: max(chars - 1, 1)] + "…"
-    return lines
-
-
-def draw_grid(
-    images: Sequence[Sequence[Image.Image | None]],
-    column_labels: Sequence[str],
-    row_labels: Sequence[str],
-    title: str = "",
-) -> Image.Image:
-    """A labelled grid: ``images[row][column]`` (``None``: an empty gray tile), column labels on top, row labels on
-    the left, an optional title line above."""
-    tiles = [im for row in images for im in row if im is not None]
-    tile_w, tile_h = (tiles[0].width, tiles[0].height) if tiles else (128, 128)
-    font = _font(12)
-    line_h = 15
-    col_lines = [_wrap(label, tile_w - 4, font) for label in column_labels]
-    row_lines = [_wrap(label, 140, font, max_lines=max(1, tile_h // line_h)) for label in row_labels]
-    top = line_h * (max(len(lines) for lines in col_lines) + (1 if title else 0)) + 6
-    left = 150 if any(row_labels) else 0
-    canvas = Image.new("RGB", (left + tile_w * len(column_labels), top + tile_h * len(row_labels)), "white")
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((4, 2), title, fill="black", font=font)
-    for c, lines in enumerate(col_lines):
-        y0 = top - line_h * len(lines) - 3
-        for k, line in enumerate(lines):
-            draw.text((left + c * tile_w + 2, y0 + k * line_h), line, fill="black", font=font)
-    for r, lines in enumerate(row_lines):
-        for k, line in enumerate(lines):
-            draw.text((4, top + r * tile_h + 4 + k * line_h), line, fill="black", font=font)
-        for c in range(len(column_labels)):
-            tile = images[r][c]
-            box = (left + c * tile_w, top + r * tile_h)
-            if tile is None:
-                draw.rectangle([box, (box[0] + tile_w - 1, box[1] + tile_h - 1)], fill=(200, 200, 200))
-            else:
-                canvas.paste(tile.convert("RGB").resize((tile_w, tile_h)), box)
-    return canvas
 
 
 def _grid_specs(config: SweepConfig) -> Iterator[tuple[str, str | None, dict[str, int]]]:
@@ -802,7 +748,7 @@ def write_grids(config: SweepConfig, cells: Sequence[Cell], rows: Mapping[str, d
             grid.append(line)
         title = ", ".join(_value_label(config, a, i) for a, i in others.items())
         row_labels = [_value_label(config, y, yi) for yi in ys] if y else [""]
-        image = draw_grid(grid, [_value_label(config, x, xi) for xi in xs], row_labels, title)
+        image = viz.labelled_grid(grid, [_value_label(config, x, xi) for xi in xs], row_labels, title)
         suffix = "".join(f"__{a}={_slug(config.axis_values(a)[i], 16)}" for a, i in others.items())
         name = f"{x}-vs-{y}{suffix}.png" if y else f"{x}.png"
         path = config.output_dir / "grids" / name
@@ -854,13 +800,13 @@ def format_evaluation(table: Sequence[dict], setting_names: Sequence[str]) -> st
 
     names = list(setting_names) or ["settings"]
     header = [*names, "kind", "n", *TABLE_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for entry in table:
         values = [_table_value(entry["settings"].get(n), n in entry["settings"]) for n in names]
         accuracy = entry["accuracy"]
         cells = [f"{100 * accuracy[c]:.1f}%" if c in accuracy else "–" for c in TABLE_COLUMNS]
-        lines.append("| " + " | ".join([*values, entry["kind"], str(entry["n"]), *cells]) + " |")
-    return "\n".join(lines)
+        rows.append([*values, entry["kind"], str(entry["n"]), *cells])
+    return viz.markdown_rows(header, rows)
 
 
 def write_evaluation(config: SweepConfig, cells: Sequence[Cell], rows: Mapping[str, dict]) -> str:

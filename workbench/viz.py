@@ -1,4 +1,4 @@
-"""Every plot of the workbench, shared by the notebooks and the Gradio app.
+"""Every plot, image grid and markdown table of the workbench, shared by the notebooks, the app, sweeps and benchmarks.
 
 Figures are built with matplotlib's object-oriented API (``matplotlib.figure.Figure``), never through pyplot: no
 global figure registry, no GUI backend, nothing to close, safe from worker threads. Jupyter displays a returned
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -82,8 +83,13 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
         raise ValueError("rows must not be empty")
     columns = list(columns if columns is not None else rows[0].keys())
     cell = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else ("–" if v is None else str(v))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return markdown_rows(columns, [[cell(row.get(c)) for c in columns] for row in rows])
+
+
+def markdown_rows(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table: the ``header`` line, the separator, one line per row (cells as ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -422,6 +428,60 @@ def image_grid(images: Sequence[Image.Image], rows: int, cols: int, labels: Sequ
         r, c = divmod(i, cols)
         grid.paste(tile, (c * (cell_w + gap), r * (cell_h + label_h + gap)))
     return grid
+
+
+def _pil_default_font(size: int = 12) -> ImageFont.ImageFont:
+    """Pillow's own font, which the sweep grids have always used (their images stay as they were)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, width_px: int, font: ImageFont.ImageFont, max_lines: int = 3) -> list[str]:
+    chars = max(4, int(width_px / max(font.getlength("x"), 1)))
+    lines = textwrap.wrap(text, chars) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(chars - 1, 1)] + "…"
+    return lines
+
+
+def labelled_grid(
+    images: Sequence[Sequence[Image.Image | None]],
+    column_labels: Sequence[str],
+    row_labels: Sequence[str],
+    title: str = "",
+) -> Image.Image:
+    """A labelled grid: ``images[row][column]`` (``None``: an empty gray tile), column labels on top, row labels on
+    the left, an optional title line above."""
+    tiles = [im for row in images for im in row if im is not None]
+    tile_w, tile_h = (tiles[0].width, tiles[0].height) if tiles else (128, 128)
+    font = _pil_default_font(12)
+    line_h = 15
+    col_lines = [_wrap(label, tile_w - 4, font) for label in column_labels]
+    row_lines = [_wrap(label, 140, font, max_lines=max(1, tile_h // line_h)) for label in row_labels]
+    top = line_h * (max(len(lines) for lines in col_lines) + (1 if title else 0)) + 6
+    left = 150 if any(row_labels) else 0
+    canvas = Image.new("RGB", (left + tile_w * len(column_labels), top + tile_h * len(row_labels)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    for c, lines in enumerate(col_lines):
+        y0 = top - line_h * len(lines) - 3
+        for k, line in enumerate(lines):
+            draw.text((left + c * tile_w + 2, y0 + k * line_h), line, fill="black", font=font)
+    for r, lines in enumerate(row_lines):
+        for k, line in enumerate(lines):
+            draw.text((4, top + r * tile_h + 4 + k * line_h), line, fill="black", font=font)
+        for c in range(len(column_labels)):
+            tile = images[r][c]
+            box = (left + c * tile_w, top + r * tile_h)
+            if tile is None:
+                draw.rectangle([box, (box[0] + tile_w - 1, box[1] + tile_h - 1)], fill=(200, 200, 200))
+            else:
+                canvas.paste(tile.convert("RGB").resize((tile_w, tile_h)), box)
+    return canvas
 
 
 def _check_trajectory(trajectory: Trajectory, batch_index: int | None = None) -> None:
