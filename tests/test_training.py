@@ -66,6 +66,14 @@ def test_batches_do_not_depend_on_the_number_of_rendering_workers():
         got_images, got_captions = next(rendered)
         assert got_captions == captions
         assert torch.equal(got_images, images)
+    from workbench.shapesworld.train import train_batches
+
+    inline = train_batches(7, TrainConfig(batch_size=3, renderer="torch"))
+    sampled = train_batches(7, TrainConfig(batch_size=3, renderer="torch", data_workers=2))
+    for _ in range(3):
+        a, b = next(inline), next(sampled)
+        assert a.captions == b.captions
+        assert torch.equal(a.images, b.images) and torch.equal(a.coverage, b.coverage)
 
 
 def test_time_budget_fits_the_schedule_to_the_measured_speed():
