@@ -221,3 +221,57 @@ def test_repo_id_resolves_from_the_local_hugging_face_cache(tiny_sd3_folder, tmp
     assert pipe.name == snapshot.name
     image = pipe(PROMPT, height=32, width=32, num_inference_steps=1, seed=0, max_sequence_length=32).images[0]
     assert image.size == (32, 32)
+
+
+def test_single_file_conversion_equals_diffusers_converters(sd35_folder):
+    """Our original → diffusers renaming (VAE and MMDiT) equals diffusers' own single-file converters on the same
+    original-layout tensors, key for key and value for value."""
+    single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
+    from workbench.formats.original import convert_original_transformer, convert_original_vae
+
+    reference = load_pipeline(sd35_folder)
+    levels = len(reference.vae.config.block_out_channels)
+    original_vae = to_original_vae(reference.vae.state_dict(), levels)
+    config = {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
+    theirs = single_file_utils.convert_ldm_vae_checkpoint(
+        {f"first_stage_model.{k}": v for k, v in original_vae.items()}, config
+    )
+    ours = convert_original_vae(original_vae)
+    assert set(ours) == set(theirs) == set(reference.vae.state_dict())
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    original = to_original_transformer(reference.transformer.state_dict(), reference.transformer.config.num_layers)
+    theirs = single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers(
+        {f"model.diffusion_model.{k}": v for k, v in original.items()}
+    )
+    ours = convert_original_transformer(original)
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_single_file_loads_every_text_encoder_group(sd35_folder, tmp_path):
+    """clip_l, clip_g and t5xxl groups of a single file replace the companion folder's encoder weights."""
+    reference = load_pipeline(sd35_folder)
+    depth = reference.transformer.config.num_layers
+    state = {
+        f"model.diffusion_model.{k}": v
+        for k, v in to_original_transformer(reference.transformer.state_dict(), depth).items()
+    }
+    generator = torch.Generator().manual_seed(0)
+    groups = {"clip_l": "clip_l", "clip_g": "clip_g", "t5xxl": "t5"}
+    expected = {}
+    for group, slot in groups.items():
+        encoder = getattr(reference.text_encoders, slot)
+        assert encoder is not None, slot
+        for key, value in encoder.state_dict().items():
+            if key == "encoder.embed_tokens.weight":
+                continue  # tied to T5's shared.weight; SD3 files store that one
+            changed = value
+            if value.is_floating_point():
+                changed = value + 0.01 * torch.randn(value.shape, generator=generator)
+            state[f"text_encoders.{group}.transformer.{key}"] = changed
+            expected[(slot, key)] = changed
+    file = tmp_path / "with_text_encoders.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+    converted = load_pipeline(file, text_encoders_from=sd35_folder)
+    for (slot, key), value in expected.items():
+        loaded = getattr(converted.text_encoders, slot).state_dict()[key]
+        assert torch.equal(loaded, value.to(loaded.dtype)), (slot, key)
