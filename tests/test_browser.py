@@ -127,13 +127,17 @@ def image_pixels(page, img_selector: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
 
 
+def field_value(page, elem_id: str) -> str:
+    """The value of a Textbox or Number."""
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
+
+
 def wait_for_text(page, elem_id: str, text: str) -> None:
     page.locator(f"#{elem_id}").get_by_text(text).first.wait_for(state="visible")
 
 
 def test_generate_then_steer_an_expert(page):
     page.locator("#t2i-prompt textarea").fill(BROWSER_PROMPT)
-    page.locator("#t2i-settings").get_by_text("Settings").first.click()
     set_number(page, "t2i-steps", 4)
     page.locator("#t2i-generate").click()
     wait_for_text(page, "t2i-status", "Done")
@@ -141,7 +145,7 @@ def test_generate_then_steer_an_expert(page):
     page.screenshot(path=str(ARTIFACTS / "browser-text2img.png"), full_page=True)
     generated = image_pixels(page, "#t2i-gallery img")
     parameters = page.locator("#t2i-parameters textarea").input_value()
-    seed = page.locator("#t2i-used-seed input").first.input_value()
+    seed = field_value(page, "t2i-used-seed")
     assert parameters.startswith(BROWSER_PROMPT) and "Steps: 4," in parameters and f"Seed: {seed}," in parameters
 
     page.get_by_role("tab", name="Experts").click()
@@ -162,10 +166,11 @@ def test_generate_then_steer_an_expert(page):
 
 @pytest.mark.slow
 def test_img2img_frames_and_flow_tabs(page):
-    page.get_by_role("tab", name="Text → Image").click()
+    set_number(page, "t2i-steps", 2)
+    page.locator("#t2i-generate").click()
+    wait_for_text(page, "t2i-status", "Done")
     page.locator("#t2i-send-img2img").click()
     page.locator("#i2i-image img").first.wait_for(state="visible")
-    page.locator("#i2i-settings").get_by_text("Settings").first.click()
     set_number(page, "i2i-steps", 4)
     page.locator("#i2i-generate").click()
     wait_for_text(page, "i2i-status", "Done")
@@ -201,7 +206,6 @@ def workbench_png(served, seed: int = 5) -> Path:
 def test_png_info_sends_settings_to_text2img(page, served):
     made = workbench_png(served, seed=77)
     open_tab(page, "Text → Image")
-    open_accordion(page, "t2i-settings")
     set_number(page, "t2i-seed", 123)
     page.locator("#t2i-prompt textarea").fill("something else")
     open_tab(page, "PNG info")
@@ -230,7 +234,6 @@ def test_png_without_parameters_says_so_and_sends_nothing(page, served, tmp_path
     assert page.locator("#pnginfo-send").is_disabled()
     assert_no_badges_in_any_tab(page, "pnginfo-no-parameters")
     open_tab(page, "Text → Image")
-    open_accordion(page, "t2i-settings")
     assert page.locator("#t2i-seed input").first.input_value() == "-1"
 
 
@@ -256,7 +259,6 @@ def test_wrong_model_path_is_a_message_under_load_only(page):
 
 def test_loading_a_model_resets_the_settings_of_every_tab(page):
     """Defect 1: a successful load ended in "Returned component <Slider> not specified as output"; nothing reset."""
-    open_accordion(page, "t2i-settings")
     default_steps = page.locator("#t2i-steps input[type=number]").first.input_value()
     set_number(page, "t2i-steps", 7)
     open_tab(page, "Experts")

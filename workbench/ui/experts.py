@@ -11,8 +11,13 @@ from dataclasses import dataclass
 import gradio as gr
 
 from workbench import GenerationCancelled, Pipeline
-from workbench.ui.controls import SamplingControls, SamplingValues, publish, sampling_parameters
-from workbench.ui.session import GPU, MODEL_CONCURRENCY, Step, Workbench, page_errors, stop_handler
+from workbench.ui.controls import SamplingControls, SamplingValues, sampling_parameters
+from workbench.ui.live import LivePreview, ProgressLine, progress_html
+from workbench.ui.results import publish
+from workbench.ui.runs import message_html, run_key, stop_button, wire_run, with_messages
+from workbench.ui.session import GPU, Step, Workbench, page_errors
+
+TAB = "experts"
 
 MAX_EXPERT_SLIDERS = 16
 ALL = "all"
@@ -35,7 +40,7 @@ class ExpertsTab:
     shares: gr.Dataframe
     block: gr.Dropdown
     step: gr.Dropdown
-    status: gr.Markdown
+    status: gr.HTML
 
     def model_updates(self, pipe: Pipeline, reset_values: bool) -> dict:
         experts = pipe.num_experts
@@ -111,8 +116,8 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
                 with gr.Row():
                     reset = gr.Button("Reset to trained routing", elem_id="experts-reset")
                     generate = gr.Button("Generate with these weights", variant="primary", elem_id="experts-generate")
-                    stop = gr.Button("Stop", variant="stop", elem_id="experts-stop")
-                status = gr.Markdown("", elem_id="experts-status")
+                    stop = stop_button("experts-stop")
+                status = gr.HTML("", elem_id="experts-status")
             with gr.Column(scale=1):
                 with gr.Row():
                     image = gr.Image(
@@ -147,6 +152,11 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
         router_temperature: float,
         *weight_values: float,
     ) -> Iterator[dict]:
+        yield from with_messages(
+            status, steered(request, prompt, settings, previous_seed, router_temperature, weight_values)
+        )
+
+    def steered(request, prompt, settings, previous_seed, router_temperature, weight_values) -> Iterator[dict]:
         from workbench.viz import conditional_indices, expert_share_per_block, expert_usage_heatmap
 
         with page_errors("Experts"):
@@ -159,11 +169,16 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
                 record_routing=True,
             )
             total = kwargs["num_inference_steps"]
+            live, line = LivePreview(wb.pipe), ProgressLine(total)
+            yield {status: progress_html(0, "Starting…")}
             try:
-                work = lambda callback: wb.pipe(prompt, callback=callback, **kwargs)
-                for event in wb.stream(request.session_hash, work, total):
+                work = lambda callback: wb.pipe(prompt, callback=live.wrap(callback), **kwargs)  # noqa: E731
+                for event in wb.stream(run_key(request, TAB), work, total, preview=False):
                     if isinstance(event, Step):
-                        yield {image: event.preview, status: f"Step {event.index + 1} of {event.total}"}
+                        update: dict = {status: line.html(event.index + 1)}
+                        if (images := live.images()) is not None:
+                            update[image] = images[0]
+                        yield update
                         continue
                     out = event.result
                     result = publish(wb, out, "experts")[0]
@@ -171,6 +186,10 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
                     state = {"record": out.routing, "image": result["path"], "batch_index": index}
                     rows = expert_share_per_block(out.routing, batch_index=index)
                     headers = list(rows[0].keys())
+                    done = (
+                        f"Done: seed {result['seed']}, expert weights {kwargs['expert_weights'] or 'as trained'}, "
+                        f"router temperature {router_temperature:g}."
+                    )
                     yield {
                         image: result["path"],
                         region: region_map(state, ALL, ALL),
@@ -180,21 +199,21 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
                         step: gr.update(choices=[ALL, *map(str, out.routing.steps())], value=ALL),
                         routing: state,
                         last_seed: result["seed"],
-                        status: f"Done: seed {result['seed']}, expert weights "
-                        f"{kwargs['expert_weights'] or 'as trained'}, router temperature {router_temperature:g}.",
+                        status: message_html(done, "info"),
                     }
             except GenerationCancelled as err:
-                gr.Warning(f"Stopped: {err}")
-                yield {status: f"Stopped: {err}"}
+                yield {status: message_html(f"Stopped: {err}", "warning")}
 
-    generate.click(
+    wire_run(
+        wb,
+        TAB,
+        generate,
+        stop,
+        status,
         run,
         [*t2i.inputs(), last_seed, temperature, *weights],
         [image, region, usage, shares, block, step, routing, last_seed, status],
-        api_visibility="private",
-        concurrency_id=MODEL_CONCURRENCY,
     )
-    stop.click(stop_handler(wb), None, None, queue=False, api_visibility="private")
     reset.click(
         lambda: [1.0] * (MAX_EXPERT_SLIDERS + 1), None, [*weights, temperature], queue=False, api_visibility="private"
     )

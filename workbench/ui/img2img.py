@@ -19,18 +19,17 @@ from PIL import Image
 
 from workbench.metadata import parse_parameters
 from workbench.ui.controls import (
-    ResultsPanel,
     SamplingControls,
     SamplingValues,
-    gallery_items,
-    publish,
-    results_panel,
     sampling_controls,
     sampling_defaults,
     sampling_parameters,
-    stream_generation,
 )
-from workbench.ui.session import GPU, MODEL_CONCURRENCY, Workbench, page_errors, stop_handler
+from workbench.ui.results import ResultsPanel, gallery_items, publish, results_panel, stream_generation
+from workbench.ui.runs import ctrl_enter_js, message_html, run_key, stop_button, wire_run, with_messages
+from workbench.ui.session import GPU, MODEL_CONCURRENCY, Workbench, page_errors
+
+TAB = "img2img"
 
 DEFAULT_STRENGTH = 0.6
 
@@ -98,7 +97,7 @@ def wire_send(panel: ResultsPanel, target: Img2ImgTab, tabs: gr.Tabs) -> None:
 
     def send(results: list[dict], index: int) -> dict:
         if not results:
-            return {panel.status: NOTHING_TO_SEND}
+            return {panel.status: message_html(NOTHING_TO_SEND, "warning")}
         chosen = results[min(index, len(results) - 1)]
         params = parse_parameters(chosen["parameters"])
         return {
@@ -168,10 +167,9 @@ def build(wb: Workbench) -> Img2ImgTab:
                 paste_back = gr.Checkbox(True, label="Keep the unpainted pixels (paste the start image back)")
                 mask_blur = gr.Slider(0, 32, value=4, step=1, label="Mask blur (px)")
             strength = gr.Slider(0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength (1 = ignore the image)")
-            controls = sampling_controls(wb.pipe, "i2i")
-            with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_id="i2i-generate")
-                stop = gr.Button("Stop", variant="stop", elem_id="i2i-stop")
+            generate = gr.Button("Generate", variant="primary", elem_id="i2i-generate", render=False, size="lg")
+            stop = stop_button("i2i-stop", render=False)
+            controls = sampling_controls(wb.pipe, "i2i", prompt_side=[generate, stop])
         with gr.Column(scale=1):
             panel = results_panel("i2i")
 
@@ -185,22 +183,27 @@ def build(wb: Workbench) -> Img2ImgTab:
         mask: dict | None,
         paste_back: bool,
         mask_blur: float,
+        history: list[dict],
         request: gr.Request,
     ) -> Iterator[dict]:
-        with page_errors("Image → Image"):
-            kwargs = settings.kwargs()
-            kwargs.update(_image_kwargs(image, strength, mask, paste_back, mask_blur))
-            yield from stream_generation(wb, panel, request.session_hash, "img2img", prompt, kwargs)
+        def body() -> Iterator[dict]:
+            with page_errors("Image → Image"):
+                kwargs = settings.kwargs()
+                kwargs.update(_image_kwargs(image, strength, mask, paste_back, mask_blur))
+                key = run_key(request, TAB)
+                yield from stream_generation(wb, panel, key, "img2img", prompt, kwargs, history)
+
+        yield from with_messages(panel.status, body())
 
     image.change(_mask_canvas, image, mask, queue=False, api_visibility="private")
     inputs = [controls.prompt, image, strength, *controls.settings(), mask, paste_back, mask_blur]
-    generate.click(run, inputs, panel.stream_outputs(), api_visibility="private", concurrency_id=MODEL_CONCURRENCY)
-    stop.click(stop_handler(wb), None, None, queue=False, api_visibility="private")
+    wire_run(wb, TAB, generate, stop, panel.status, run, [*inputs, panel.history_results], panel.stream_outputs())
+    controls.prompt.focus(None, None, None, js=ctrl_enter_js("i2i-prompt", "i2i-generate"), queue=False)
     gr.on(
         [],
         api_function(wb),
         inputs,
-        [panel.gallery, panel.used_seed, panel.parameters],
+        [panel.gallery, panel.api_seed, panel.parameters],
         api_name="img2img",
         concurrency_id=MODEL_CONCURRENCY,
     )

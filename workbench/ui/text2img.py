@@ -1,4 +1,6 @@
-"""Text → Image tab: prompt and sampler settings, live preview per step, Stop, a gallery of PNGs; API ``/text2img``."""
+"""Text → Image tab, A1111-style: the prompt with Generate and Stop beside it (Ctrl+Enter generates), the everyday
+settings in view and the rest under "More"; on the right the results column (:mod:`workbench.ui.results`) with live
+x̂0 previews, progress, generation info, seed, download and the session history; API ``/text2img``."""
 
 from __future__ import annotations
 
@@ -8,18 +10,17 @@ from dataclasses import dataclass
 import gradio as gr
 
 from workbench.ui.controls import (
-    ResultsPanel,
     SamplingControls,
     SamplingValues,
-    gallery_items,
-    publish,
-    results_panel,
     sampling_controls,
     sampling_defaults,
     sampling_parameters,
-    stream_generation,
 )
-from workbench.ui.session import GPU, MODEL_CONCURRENCY, Workbench, page_errors, stop_handler
+from workbench.ui.results import ResultsPanel, gallery_items, publish, results_panel, stream_generation
+from workbench.ui.runs import ctrl_enter_js, run_key, stop_button, wire_run, with_messages
+from workbench.ui.session import GPU, MODEL_CONCURRENCY, Workbench, page_errors
+
+TAB = "text2img"
 
 
 @dataclass
@@ -49,38 +50,44 @@ def api_function(wb: Workbench):
 
 def build(wb: Workbench, last_seed: gr.State) -> Text2ImgTab:
     """Build the tab inside the current ``gr.Tab`` and wire its events."""
+    generate = gr.Button("Generate", variant="primary", elem_id="t2i-generate", render=False, size="lg")
+    stop = stop_button("t2i-stop", render=False)
     with gr.Row():
         with gr.Column(scale=1):
-            controls = sampling_controls(wb.pipe, "t2i")
-            with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
-                stop = gr.Button("Stop", variant="stop", elem_id="t2i-stop")
+            controls = sampling_controls(wb.pipe, "t2i", prompt_side=[generate, stop])
         with gr.Column(scale=1):
             panel = results_panel("t2i")
 
     @GPU
     @sampling_parameters
-    def run(prompt: str, settings: SamplingValues, request: gr.Request) -> Iterator[dict]:
-        with page_errors("Text → Image"):
-            kwargs = settings.kwargs()
-            for update in stream_generation(wb, panel, request.session_hash, "text2img", prompt, kwargs):
-                if panel.used_seed in update:
-                    update[last_seed] = update[panel.used_seed]
-                yield update
+    def run(prompt: str, settings: SamplingValues, history: list[dict], request: gr.Request) -> Iterator[dict]:
+        def body() -> Iterator[dict]:
+            with page_errors("Text → Image"):
+                kwargs = settings.kwargs()
+                key = run_key(request, TAB)
+                for update in stream_generation(wb, panel, key, "text2img", prompt, kwargs, history):
+                    if panel.used_seed in update:
+                        update[last_seed] = int(update[panel.used_seed])
+                    yield update
 
-    generate.click(
+        yield from with_messages(panel.status, body())
+
+    wire_run(
+        wb,
+        TAB,
+        generate,
+        stop,
+        panel.status,
         run,
-        controls.inputs(),
+        [*controls.inputs(), panel.history_results],
         [*panel.stream_outputs(), last_seed],
-        api_visibility="private",
-        concurrency_id=MODEL_CONCURRENCY,
     )
-    stop.click(stop_handler(wb), None, None, queue=False, api_visibility="private")
+    controls.prompt.focus(None, None, None, js=ctrl_enter_js("t2i-prompt", "t2i-generate"), queue=False)
     gr.on(
         [],
         api_function(wb),
         controls.inputs(),
-        [panel.gallery, panel.used_seed, panel.parameters],
+        [panel.gallery, panel.api_seed, panel.parameters],
         api_name="text2img",
         concurrency_id=MODEL_CONCURRENCY,
     )

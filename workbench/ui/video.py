@@ -13,8 +13,12 @@ import gradio as gr
 
 from workbench import GenerationCancelled, Pipeline
 from workbench.flow import img2img_start
+from workbench.ui.live import LivePreview, ProgressLine, progress_html
 from workbench.ui.params import Handler, spread_fields
-from workbench.ui.session import GPU, MODEL_CONCURRENCY, Step, Workbench, page_errors, stop_handler
+from workbench.ui.runs import message_html, run_key, stop_button, wire_run, with_messages
+from workbench.ui.session import GPU, MODEL_CONCURRENCY, Step, Workbench, page_errors
+
+TAB = "frames"
 
 MODES = ("auto", "travel", "walk", "loopback")
 EASINGS = ("linear", "cosine")
@@ -104,7 +108,7 @@ class FramesTab:
     file: gr.File
     gallery: gr.Gallery
     consistency: gr.Markdown
-    status: gr.Markdown
+    status: gr.HTML
 
     def inputs(self) -> list:
         """The prompts, then the widgets of :class:`FramesValues` in its order."""
@@ -171,12 +175,17 @@ def frames_request(
     }
 
 
-def total_steps(request: dict) -> int:
-    """Sampler steps of the whole sequence (loopback frames after the first run only the strength's share)."""
+def frame_steps(request: dict) -> list[int]:
+    """Sampler steps of each frame (loopback frames after the first run only the strength's share)."""
     steps, frames = request["num_inference_steps"], request["num_frames"]
     if request["mode"] != "loopback":
-        return steps * frames
-    return steps + (frames - 1) * (steps - img2img_start(steps, request["loopback_strength"]))
+        return [steps] * frames
+    return [steps] + [steps - img2img_start(steps, request["loopback_strength"])] * (frames - 1)
+
+
+def total_steps(request: dict) -> int:
+    """Sampler steps of the whole sequence."""
+    return sum(frame_steps(request))
 
 
 def render(wb: Workbench, request: dict, video_format: str, fps: float, step_callback=None):
@@ -240,10 +249,17 @@ def build(wb: Workbench) -> FramesTab:
                     height = gr.Slider(16, side, value=min(d.height, side), step=16, label="Height")
             with gr.Row():
                 generate = gr.Button("Make frames", variant="primary", elem_id="frames-generate")
-                stop = gr.Button("Stop", variant="stop", elem_id="frames-stop")
+                stop = stop_button("frames-stop")
         with gr.Column(scale=1):
-            preview = gr.Image(label="Live preview", interactive=False, height=256)
-            status = gr.Markdown("", elem_id="frames-status")
+            status = gr.HTML("", elem_id="frames-status")
+            preview = gr.Image(
+                label="Live preview (x̂0)",
+                interactive=False,
+                visible=False,
+                height=320,
+                elem_id="frames-preview",
+                elem_classes=["wb-upscale"],
+            )
             video = gr.Video(
                 label="Video", interactive=False, loop=True, autoplay=True, height=320, elem_id="frames-video"
             )
@@ -278,38 +294,48 @@ def build(wb: Workbench) -> FramesTab:
     @GPU
     @frames_parameters
     def run(prompt: str, values: FramesValues, request: gr.Request) -> Iterator[dict]:
+        yield from with_messages(status, make(prompt, values, request))
+
+    def make(prompt: str, values: FramesValues, request: gr.Request) -> Iterator[dict]:
         from workbench.frames import format_consistency
 
         with page_errors("Video frames"):
             frames = values.request(prompt)
-            work = lambda callback: render(wb, frames, values.video_format, values.fps, callback)
+            live, line = LivePreview(wb.pipe), ProgressLine(total_steps(frames), frame_steps(frames))
+            yield {status: progress_html(0, "Starting…")}
+            work = lambda callback: render(wb, frames, values.video_format, values.fps, live.wrap(callback))  # noqa: E731
             try:
-                for event in wb.stream(request.session_hash, work, total_steps(frames)):
+                for event in wb.stream(run_key(request, TAB), work, total_steps(frames), preview=False):
                     if isinstance(event, Step):
-                        yield {preview: event.preview, status: f"Step {event.index + 1} of {event.total}"}
+                        update: dict = {status: line.html(event.index + 1)}
+                        if (images := live.images()) is not None:
+                            update[preview] = gr.update(value=images[0], visible=True)
+                        yield update
                         continue
                     sequence, path, pngs = event.result
                     is_mp4 = values.video_format == "mp4"
                     yield {
+                        preview: gr.update(value=None, visible=False),
                         video: gr.update(value=path if is_mp4 else None, visible=is_mp4),
                         gif: gr.update(value=None if is_mp4 else path, visible=not is_mp4),
                         file: path,
                         gallery: [(p, f"frame {i}") for i, p in enumerate(pngs)],
                         consistency: f"Consistency: {format_consistency(sequence.consistency)}",
-                        status: f"Done: {len(pngs)} frames, mode {frames['mode']}.",
+                        status: message_html(f"Done: {len(pngs)} frames, mode {frames['mode']}.", "info"),
                     }
             except GenerationCancelled as err:
-                gr.Warning(f"Stopped: {err}")
-                yield {status: f"Stopped: {err}"}
+                yield {status: message_html(f"Stopped: {err}", "warning")}
 
-    generate.click(
+    wire_run(
+        wb,
+        TAB,
+        generate,
+        stop,
+        status,
         run,
         tab.inputs(),
         [preview, status, video, gif, file, gallery, consistency],
-        api_visibility="private",
-        concurrency_id=MODEL_CONCURRENCY,
     )
-    stop.click(stop_handler(wb), None, None, queue=False, api_visibility="private")
     gr.on(
         [],
         api_function(wb),
