@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.loading import load_vae, save_vae
 from workbench.models.vae import (
     SD3_LATENT_RGB_BIAS,
     SD3_LATENT_RGB_FACTORS,
@@ -183,11 +184,11 @@ def test_config_validation() -> None:
 
 def test_save_and_load_roundtrip(tmp_path) -> None:
     model = _ours_from(_diffusers_vae(**CONFIGS["quant_conv"]))
-    model.save_pretrained(tmp_path)
+    save_vae(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["_class_name"] == "AutoencoderKL"
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
-    loaded = AutoencoderKL.from_pretrained(tmp_path)
+    loaded = load_vae(tmp_path)
     assert loaded.config == model.config
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
@@ -196,27 +197,27 @@ def test_save_and_load_roundtrip(tmp_path) -> None:
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
         reference = diffusers.AutoencoderKL.from_pretrained(tmp_path).eval()
         torch.testing.assert_close(reference(x).sample, model(x), atol=ATOL, rtol=0)
-    half = AutoencoderKL.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    half = load_vae(tmp_path, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
 
 
 def test_loads_diffusers_save_pretrained(tmp_path) -> None:
     reference = _diffusers_vae(**SMALL)
     reference.save_pretrained(tmp_path / "vae")
-    ours = AutoencoderKL.from_pretrained(tmp_path, subfolder="vae")
+    ours = load_vae(tmp_path / "vae")
     assert not ours.config.use_quant_conv
     x = _images(1, 16, 24)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x).sample, atol=ATOL, rtol=0)
 
 
-def test_from_pretrained_infers_quant_conv_when_config_lacks_it(tmp_path) -> None:
+def test_load_vae_infers_quant_conv_when_config_lacks_it(tmp_path) -> None:
     model = AutoencoderKL(VAEConfig(**{**SMALL, "use_quant_conv": True, "use_post_quant_conv": True}))
-    model.save_pretrained(tmp_path)
+    save_vae(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["use_quant_conv"], config["use_post_quant_conv"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    loaded = AutoencoderKL.from_pretrained(tmp_path)
+    loaded = load_vae(tmp_path)
     assert loaded.quant_conv is not None and loaded.post_quant_conv is not None
 
 

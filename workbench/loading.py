@@ -162,15 +162,29 @@ def load_transformer(
     return model
 
 
-def load_vae(folder: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    config = VAEConfig.from_dict(read_json(folder / "config.json"))
-    vae = AutoencoderKL(config)
+def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """A diffusers ``vae/`` folder (ours or diffusers' ``save_pretrained``), strict key matching. Config keys that
+    are absent take :class:`VAEConfig`'s (SD3) defaults, except ``use_quant_conv`` / ``use_post_quant_conv``, which
+    then follow the presence of those weights."""
+    folder = Path(folder)
+    raw = read_json(folder / "config.json")
+    class_name = raw.get("_class_name", "AutoencoderKL")
+    if class_name != "AutoencoderKL":
+        raise ModelFormatError(f"{folder / 'config.json'} describes {class_name!r}, not 'AutoencoderKL'")
     state = _component_weights(folder, dtype)
+    for key in ("quant_conv", "post_quant_conv"):
+        raw.setdefault(f"use_{key}", f"{key}.weight" in state)
+    vae = AutoencoderKL(VAEConfig.from_dict(raw))
     try:
         vae.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ModelFormatError(f"{folder}: weights do not match the VAE config: {err}") from err
     return vae.to(dtype).eval().requires_grad_(False)
+
+
+def save_vae(vae: AutoencoderKL, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write a VAE as a diffusers ``vae/`` folder (``config.json`` with ``"_class_name": "AutoencoderKL"``)."""
+    save_component(vae, {"_class_name": "AutoencoderKL", **vae.config.to_dict()}, Path(folder), dtype)
 
 
 def save_component(module: torch.nn.Module, config: dict, folder: Path, dtype: torch.dtype | None = None) -> None:
@@ -193,8 +207,7 @@ def save_pipeline(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_component(pipe.transformer, pipe.transformer.config.to_dict(), folder / "transformer", weight_dtype)
-    vae_config = {"_class_name": "AutoencoderKL", **pipe.vae.config.to_dict()}
-    save_component(pipe.vae, vae_config, folder / "vae", weight_dtype)
+    save_vae(pipe.vae, folder / "vae", weight_dtype)
     pipe.text_encoders.save_pretrained(folder)
     scheduler = {
         "_class_name": "FlowMatchEulerDiscreteScheduler",

@@ -17,23 +17,15 @@ checkpoint names are not converted here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_CLASS_NAME = "AutoencoderKL"
-DIFFUSERS_VERSION = "0.30.0"
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
@@ -552,46 +544,6 @@ class AutoencoderKL(nn.Module):
                 del image
         out /= weight_sum.to(out.device, torch.float32)
         return out.to(out_dtype)
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write the diffusers layout: ``config.json`` (with ``"_class_name": "AutoencoderKL"``) and
-        ``diffusion_pytorch_model.safetensors``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {"_class_name": DIFFUSERS_CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION, **self.config.to_dict()}
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | Path,
-        *,
-        subfolder: str | None = None,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-    ) -> AutoencoderKL:
-        """Load a diffusers-layout folder (ours or diffusers' ``save_pretrained``) with strict key matching.
-
-        Config keys that are absent take :class:`VAEConfig` (SD3) defaults, except ``use_quant_conv`` and
-        ``use_post_quant_conv``, which then follow the presence of those weights.
-        """
-        folder = Path(folder) / subfolder if subfolder else Path(folder)
-        raw = json.loads((folder / CONFIG_NAME).read_text())
-        class_name = raw.get("_class_name", DIFFUSERS_CLASS_NAME)
-        if class_name != DIFFUSERS_CLASS_NAME:
-            raise ValueError(f"{folder / CONFIG_NAME} describes {class_name!r}, not {DIFFUSERS_CLASS_NAME!r}")
-        state = load_file(str(folder / WEIGHTS_NAME), device=str(device))
-        for key in ("quant_conv", "post_quant_conv"):
-            raw.setdefault(f"use_{key}", f"{key}.weight" in state)
-        config = VAEConfig.from_dict(raw)
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(state, strict=True, assign=True)
-        if dtype is not None:
-            model.to(dtype=dtype)
-        return model.eval()
 
 
 def latent_to_rgb_preview(
