@@ -367,7 +367,9 @@ def test_requantizing_differently_is_refused(micro_folder):
 
 
 def test_benchmark_weight_extrapolation_and_random_weights():
-    from workbench import bench
+    from workbench.cli.bench import load_script
+
+    bench = load_script()  # benchmarks/bench.py
 
     def config(depth: int) -> MMDiTConfig:
         return MMDiTConfig(

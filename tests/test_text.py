@@ -15,6 +15,7 @@ from tiny_sd3 import (
 )
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
+from workbench.loading import load_text_encoders, save_text_encoders
 from workbench.models.text import TextConditioner
 from workbench.shapesworld.tokenizer import build_word_tokenizers, tiny_clip_config, tiny_t5_config
 
@@ -35,7 +36,7 @@ def saved(tmp_path_factory):
 
 
 def _load(folder, **kwargs) -> TextConditioner:
-    return TextConditioner.from_folder(
+    return load_text_encoders(
         folder, joint_attention_dim=JOINT_ATTENTION_DIM, pooled_projection_dim=POOLED_PROJECTION_DIM, **kwargs
     )
 
@@ -127,7 +128,7 @@ def test_missing_clip_layout(saved):
 def test_save_pretrained_round_trip(saved, tmp_path):
     folder, _ = saved[True]
     conditioner = _load(folder)
-    conditioner.save_pretrained(tmp_path)
+    save_text_encoders(conditioner, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "text_encoder",
         "text_encoder_2",
@@ -198,14 +199,14 @@ def test_validation_names_component_and_sizes():
         TextConditioner((tokenizers.clip, short), clip_g, t5, **dims)
 
 
-def test_from_folder_validates(saved):
+def test_load_text_encoders_validates(saved):
     folder, _ = saved[True]
     with pytest.raises(
         ValueError, match=r"text_encoder_2 \(CLIP-G\): projection_dim is 32 .* 48 = 32 \(text_encoder\)"
     ):
-        TextConditioner.from_folder(folder, joint_attention_dim=JOINT_ATTENTION_DIM, pooled_projection_dim=48)
+        load_text_encoders(folder, joint_attention_dim=JOINT_ATTENTION_DIM, pooled_projection_dim=48)
     with pytest.raises(ValueError, match=r"text_encoder_3 \(T5\): d_model is 32 .* joint_attention_dim 64"):
-        TextConditioner.from_folder(folder, joint_attention_dim=64, pooled_projection_dim=POOLED_PROJECTION_DIM)
+        load_text_encoders(folder, joint_attention_dim=64, pooled_projection_dim=POOLED_PROJECTION_DIM)
 
 
 def test_diffusers_reloads_tiny_pipeline(saved):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from workbench import memory
 from workbench.formats.files import (
@@ -33,7 +35,7 @@ from workbench.formats.original import (
 )
 from workbench.models.mmdit import MMDiT, MMDiTConfig, PatchEmbed, sincos_2d_table
 from workbench.models.moe import MoEFeedForward
-from workbench.models.text import TextConditioner
+from workbench.models.text import DEFAULT_COMPONENTS, SLOTS, TextConditioner
 from workbench.models.vae import AutoencoderKL, VAEConfig
 from workbench.pipeline import GenerationDefaults, Pipeline
 from workbench.presets import GENERATION_DEFAULTS, guess_family
@@ -187,6 +189,67 @@ def save_vae(vae: AutoencoderKL, folder: str | Path, dtype: torch.dtype | None =
     save_component(vae, {"_class_name": "AutoencoderKL", **vae.config.to_dict()}, Path(folder), dtype)
 
 
+def load_text_encoders(
+    path: str | Path,
+    joint_attention_dim: int,
+    pooled_projection_dim: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    components: Sequence[str] = DEFAULT_COMPONENTS,
+    **kwargs: Any,
+) -> TextConditioner:
+    """Load text_encoder/ + tokenizer/ (CLIP-L), text_encoder_2/ + tokenizer_2/ (CLIP-G) and text_encoder_3/ +
+    tokenizer_3/ (T5) of a diffusers-layout folder, offline and from safetensors only.
+
+    A component not listed in ``components``, or whose encoder subfolder is missing, is None. ``kwargs`` go to
+    :class:`TextConditioner` (clip_l_hidden_size, clip_g_hidden_size, clip_sequence_length). Raises ValueError when
+    the sizes do not fit the transformer's (see ``TextConditioner.validate``).
+    """
+    root = Path(path)
+    unknown = sorted(set(components) - set(DEFAULT_COMPONENTS))
+    if unknown:
+        raise ValueError(f"unknown text components {unknown}; choose among {list(DEFAULT_COMPONENTS)}")
+    pairs: dict[str, tuple | None] = {}
+    for name, slot in SLOTS.items():
+        encoder_dir = root / slot.encoder_folder
+        if slot.encoder_folder not in components or not (encoder_dir / "config.json").is_file():
+            pairs[name] = None
+            continue
+        tokenizer_dir = root / slot.tokenizer_folder
+        if not tokenizer_dir.is_dir():
+            raise ValueError(f"{slot.title}: {encoder_dir} exists but its tokenizer folder {tokenizer_dir} does not")
+        _check_text_architecture(name, slot.title, encoder_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        model_class = T5EncoderModel if name == "t5" else CLIPTextModelWithProjection
+        encoder = model_class.from_pretrained(
+            str(encoder_dir), local_files_only=True, use_safetensors=True, dtype=dtype
+        )
+        pairs[name] = (tokenizer, encoder)
+    conditioner = TextConditioner(
+        **pairs, joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_projection_dim, **kwargs
+    )
+    conditioner.to(device)
+    conditioner._dtype = dtype
+    return conditioner
+
+
+def _check_text_architecture(name: str, title: str, encoder_dir: Path) -> None:
+    architectures = read_json(encoder_dir / "config.json").get("architectures") or []
+    expected = "T5EncoderModel" if name == "t5" else "CLIPTextModelWithProjection"
+    allowed = {expected, "T5ForConditionalGeneration"} if name == "t5" else {expected}
+    if architectures and not set(architectures) & allowed:
+        raise ValueError(f"{title}: {encoder_dir} holds {architectures[0]} but SD3 needs {expected}")
+
+
+def save_text_encoders(text: TextConditioner, folder: str | Path) -> None:
+    """Write the present encoders (safetensors + config.json) and tokenizers in diffusers' folder layout."""
+    root = Path(folder)
+    for name in text.present:
+        slot = SLOTS[name]
+        getattr(text, name).save_pretrained(str(root / slot.encoder_folder))
+        getattr(text, f"{name}_tokenizer").save_pretrained(str(root / slot.tokenizer_folder))
+
+
 def save_component(module: torch.nn.Module, config: dict, folder: Path, dtype: torch.dtype | None = None) -> None:
     """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers layout); floating-point
     weights are stored in ``dtype`` when given (e.g. float16 to halve the download)."""
@@ -208,7 +271,7 @@ def save_pipeline(
     folder.mkdir(parents=True, exist_ok=True)
     save_component(pipe.transformer, pipe.transformer.config.to_dict(), folder / "transformer", weight_dtype)
     save_vae(pipe.vae, folder / "vae", weight_dtype)
-    pipe.text_encoders.save_pretrained(folder)
+    save_text_encoders(pipe.text_encoders, folder)
     scheduler = {
         "_class_name": "FlowMatchEulerDiscreteScheduler",
         "num_train_timesteps": 1000,
@@ -254,7 +317,7 @@ def load_diffusers_folder(
     transformer = load_transformer(folder / "transformer", dtype, quantization, device, **(quantize_options or {}))
     vae = load_vae(folder / "vae", torch.float32 if dtype == torch.float16 and str(device) == "cpu" else dtype)
     config = transformer.config
-    text = TextConditioner.from_folder(
+    text = load_text_encoders(
         folder, config.joint_attention_dim, config.pooled_projection_dim, device="cpu", dtype=torch.float32
     )
     name = index.get("workbench", {}).get("name") or folder.name
@@ -290,7 +353,7 @@ def load_single_file(
             f"{file}: a single-file checkpoint carries no tokenizers; pass text_encoders_from= a diffusers folder "
             "of the same family (e.g. a local snapshot of stabilityai/stable-diffusion-3-medium-diffusers)"
         )
-    text = TextConditioner.from_folder(
+    text = load_text_encoders(
         companion, config.joint_attention_dim, config.pooled_projection_dim, device="cpu", dtype=torch.float32
     )
     text.load_weights({k: v for k, v in parts.items() if k in ("clip_l", "clip_g", "t5xxl")})

@@ -16,7 +16,8 @@ from types import ModuleType
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
 
 
-def _script() -> ModuleType:
+def load_script() -> ModuleType:
+    """The module benchmarks/bench.py of this checkout."""
     spec = importlib.util.spec_from_file_location("workbench_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="memory and speed benchmark against diffusers (benchmarks/bench.py; markdown tables)"
     )
     if SCRIPT.is_file():
-        script = _script()
+        script = load_script()
         script.add_arguments(parser)
         parser.set_defaults(run=script.run)
     else:

@@ -21,21 +21,22 @@ kept:
   channels start after `clip_l_hidden_size` zero channels, by default the missing CLIP-L's pooled width (CLIP's hidden
   size equals its projection_dim in CLIP-L 768 and OpenCLIP-G 1280);
 - no CLIP at all: zeros (B, L_clip, D) and a zero pooled vector; L_clip = 77 unless `clip_sequence_length` is given.
+
+This module reads no files: :func:`workbench.loading.load_text_encoders` and
+:func:`workbench.loading.save_text_encoders` read and write the encoders' diffusers sub-folders.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoTokenizer, CLIPTextModelWithProjection, PreTrainedTokenizerBase, T5EncoderModel
+from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -355,53 +356,6 @@ class TextConditioner(nn.Module):
             dtype=torch.long,
         )
 
-    @classmethod
-    def from_folder(
-        cls,
-        path: str | Path,
-        joint_attention_dim: int,
-        pooled_projection_dim: int,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        components: Sequence[str] = DEFAULT_COMPONENTS,
-        **kwargs: Any,
-    ) -> TextConditioner:
-        """Load text_encoder/ + tokenizer/ (CLIP-L), text_encoder_2/ + tokenizer_2/ (CLIP-G) and text_encoder_3/ +
-        tokenizer_3/ (T5) of a diffusers-layout folder, offline and from safetensors only.
-
-        A component not listed in `components`, or whose encoder subfolder is missing, is None. `kwargs` go to the
-        constructor (clip_l_hidden_size, clip_g_hidden_size, clip_sequence_length). Raises ValueError when the sizes
-        do not fit the transformer's (see `validate`).
-        """
-        root = Path(path)
-        unknown = sorted(set(components) - set(DEFAULT_COMPONENTS))
-        if unknown:
-            raise ValueError(f"unknown text components {unknown}; choose among {list(DEFAULT_COMPONENTS)}")
-        pairs: dict[str, TextPair | None] = {}
-        for name, slot in SLOTS.items():
-            encoder_dir = root / slot.encoder_folder
-            if slot.encoder_folder not in components or not (encoder_dir / "config.json").is_file():
-                pairs[name] = None
-                continue
-            tokenizer_dir = root / slot.tokenizer_folder
-            if not tokenizer_dir.is_dir():
-                raise ValueError(
-                    f"{slot.title}: {encoder_dir} exists but its tokenizer folder {tokenizer_dir} does not"
-                )
-            _check_architecture(slot, encoder_dir)
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-            model_class = T5EncoderModel if name == "t5" else CLIPTextModelWithProjection
-            encoder = model_class.from_pretrained(
-                str(encoder_dir), local_files_only=True, use_safetensors=True, dtype=dtype
-            )
-            pairs[name] = (tokenizer, encoder)
-        conditioner = cls(
-            **pairs, joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_projection_dim, **kwargs
-        )
-        conditioner.to(device)
-        conditioner._dtype = dtype
-        return conditioner
-
     def load_weights(self, groups: dict[str, dict[str, Tensor]]) -> None:
         """Replace encoder weights with transformers-named state dicts keyed ``clip_l``, ``clip_g`` or ``t5xxl``
         (the groups of an original single-file checkpoint); a group whose encoder is absent is an error."""
@@ -432,14 +386,6 @@ class TextConditioner(nn.Module):
             entries[slot.tokenizer_folder] = ["transformers", type(getattr(self, f"{name}_tokenizer")).__name__]
         return entries
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write the present encoders (safetensors + config.json) and tokenizers in diffusers' folder layout."""
-        root = Path(folder)
-        for name in self.present:
-            slot = SLOTS[name]
-            getattr(self, name).save_pretrained(str(root / slot.encoder_folder))
-            getattr(self, f"{name}_tokenizer").save_pretrained(str(root / slot.tokenizer_folder))
-
 
 def _projection_dim(encoder: nn.Module | None) -> int | None:
     return None if encoder is None else int(encoder.config.projection_dim)
@@ -459,12 +405,3 @@ def _check_tokenizer(slot: _Slot, tokenizer: PreTrainedTokenizerBase, vocab_size
         raise ValueError(
             f"{slot.title}: the tokenizer has {len(tokenizer)} tokens but the encoder's vocab_size is {vocab_size}"
         )
-
-
-def _check_architecture(slot: _Slot, encoder_dir: Path) -> None:
-    config = json.loads((encoder_dir / "config.json").read_text())
-    architectures = config.get("architectures") or []
-    expected = "T5EncoderModel" if slot.name == "t5" else "CLIPTextModelWithProjection"
-    allowed = {expected, "T5ForConditionalGeneration"} if slot.name == "t5" else {expected}
-    if architectures and not set(architectures) & allowed:
-        raise ValueError(f"{slot.title}: {encoder_dir} holds {architectures[0]} but SD3 needs {expected}")
