@@ -186,3 +186,20 @@ def test_the_package_never_imports_diffusers():
                 modules = [node.module]
             found += [f"{name} imports {m}" for m in modules if m.split(".")[0] == "diffusers"]
     assert found == []
+
+
+def test_models_read_no_files():
+    """models/ builds networks; files are read by formats/ and loading (docs/design.md, "Architecture")."""
+    file_modules = {"json", "os", "io", "pathlib", "shutil", "safetensors"}
+    found = []
+    for name, path in module_names().items():
+        if not name.startswith("workbench.models"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            found += [f"{name} imports {m}" for m in modules if m.split(".")[0] in file_modules]
+            if isinstance(node, ast.Attribute) and node.attr in ("from_pretrained", "save_pretrained", "open"):
+                found.append(f"{name} calls .{node.attr}")
+    assert found == []
