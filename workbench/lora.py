@@ -7,27 +7,16 @@ int8 or 4-bit, offloaded — stack, and change strength without reloading; the b
 untouched, and removing an adapter restores the exact base model (unless it was fused into the weights, see
 :meth:`LoRASet.fuse`).
 
-Formats (safetensors only; detected from the keys):
-
-- diffusers / PEFT, as ``StableDiffusion3Pipeline.save_lora_weights`` writes them:
-  ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` / ``lora_B.weight``; text encoders under
-  ``text_encoder.`` (CLIP-L), ``text_encoder_2.`` (CLIP-G), ``text_encoder_3.`` (T5); a bare PEFT file under
-  ``base_model.model.``. alpha comes from the file's ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``,
-  ``use_rslora``) or a ``.alpha`` tensor, else equals the rank (diffusers' rule).
-- kohya sd-scripts / ComfyUI: ``lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight`` / ``lora_up.weight`` /
-  ``alpha`` in the original MMDiT names (a fused q/k/v delta is split by rows onto ``to_q``, ``to_k``, ``to_v``),
-  ``lora_transformer_<diffusers name>``, and ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_`` for the text encoders.
-- original names with dots (``diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight``).
+Formats (safetensors only; detected from the keys: diffusers / PEFT, kohya / ComfyUI, original names) are read by
+:mod:`workbench.formats.lora`; this module resolves their keys to the pipeline's layers (a kohya fused q/k/v delta is
+split by rows onto ``to_q``, ``to_k``, ``to_v``) and attaches them.
 
 Entry point: ``pipe.loras`` (a :class:`LoRASet`): ``pipe.loras.load("style.safetensors", strength=0.8)``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +24,20 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from workbench.formats.files import read_safetensors
+from workbench.formats.lora import (
+    COMPONENT_TITLES,
+    COMPONENTS,
+    DOTTED_PREFIXES,
+    ORIGINAL_PREFIXES,
+    UNDERSCORED_PREFIXES,
+    LoRAFormatError,
+    group_keys,
+    lora_scale,
+    metadata_alphas,
+    read_lora_file,
+)
 from workbench.formats.original import original_module_map
 from workbench.kernels import PackedLinear
 from workbench.models.moe import GELUProjection
@@ -47,42 +46,6 @@ if TYPE_CHECKING:
     from workbench.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
-
-COMPONENTS = ("transformer", "clip_l", "clip_g", "t5")
-"""Where a LoRA layer can sit: the MMDiT and the three text-encoder slots."""
-
-COMPONENT_TITLES = {
-    "transformer": "transformer",
-    "clip_l": "text_encoder (CLIP-L)",
-    "clip_g": "text_encoder_2 (CLIP-G)",
-    "t5": "text_encoder_3 (T5)",
-}
-_DOTTED_PREFIXES = {
-    "transformer.": "transformer",
-    "base_model.model.": "transformer",
-    "text_encoder.": "clip_l",
-    "text_encoder_2.": "clip_g",
-    "text_encoder_3.": "t5",
-}
-_UNDERSCORED_PREFIXES = {
-    "lora_unet_": "transformer",
-    "lora_transformer_": "transformer",
-    "lora_te1_": "clip_l",
-    "lora_te2_": "clip_g",
-    "lora_te3_": "t5",
-    "lora_te_": "clip_l",
-}
-_ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-_METADATA_PREFIXES = {"transformer": "transformer", "clip_l": "text_encoder", "clip_g": "text_encoder_2"}
-
-_KEY = re.compile(
-    r"^(?P<stem>.+?)\.(?:(?P<down>lora_A|lora_down|lora\.down)|(?P<up>lora_B|lora_up|lora\.up))"
-    r"(?:\.[A-Za-z_]\w*)?\.weight$"
-)
-
-
-class LoRAFormatError(ValueError):
-    """A LoRA file or state dict that cannot be applied to this model; the message names the file and key."""
 
 
 @dataclass
@@ -146,97 +109,6 @@ class LoRA:
         return tuple(c for c in COMPONENTS if any(component == c for component, _ in self.layers))
 
 
-# ------------------------------------------------------------------------------------------------------- reading
-
-
-def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """Tensors, header metadata and sha256 of a ``.safetensors`` LoRA; pickles and broken files raise
-    :class:`workbench.loading.ModelFormatError` naming the file."""
-
-    path = Path(path)
-    tensors = read_safetensors(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return tensors, metadata, digest.hexdigest()
-
-
-@dataclass
-class _Group:
-    down: torch.Tensor | None = None
-    up: torch.Tensor | None = None
-    alpha: float | None = None
-
-
-def _group_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, _Group]:
-    groups: dict[str, _Group] = {}
-    for key, tensor in tensors.items():
-        if "dora_scale" in key or "lora_magnitude_vector" in key:
-            raise LoRAFormatError(f"{source}: {key!r} is a DoRA tensor; DoRA adapters are not supported, only LoRA")
-        if key.endswith(".alpha"):
-            groups.setdefault(key[: -len(".alpha")], _Group()).alpha = float(tensor.float().item())
-            continue
-        match = _KEY.match(key)
-        if match is None:
-            raise LoRAFormatError(
-                f"{source}: unexpected key {key!r}; a LoRA holds <module>.lora_A.weight / lora_B.weight (diffusers, "
-                "PEFT), <module>.lora_down.weight / lora_up.weight / alpha (kohya, ComfyUI)"
-            )
-        group = groups.setdefault(match["stem"], _Group())
-        if match["down"]:
-            group.down = tensor
-        else:
-            group.up = tensor
-    for stem, group in groups.items():
-        if group.down is None or group.up is None:
-            part = "down (lora_A)" if group.down is None else "up (lora_B)"
-            raise LoRAFormatError(f"{source}: module {stem!r} has no {part} matrix")
-        if group.down.shape[0] != group.up.shape[1]:
-            raise LoRAFormatError(
-                f"{source}: module {stem!r} has down {tuple(group.down.shape)} and up {tuple(group.up.shape)}: "
-                "their ranks differ"
-            )
-    return groups
-
-
-def _metadata_alphas(metadata: dict[str, str], source: str) -> dict[str, dict]:
-    """Per component, PEFT's ``LoraConfig`` fields stored by diffusers (``lora_alpha``, ``alpha_pattern``, …)."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise LoRAFormatError(f"{source}: lora_adapter_metadata is not valid JSON: {err}") from err
-    out: dict[str, dict] = {}
-    for component, prefix in _METADATA_PREFIXES.items():
-        fields = {k[len(prefix) + 1 :]: v for k, v in config.items() if k.startswith(prefix + ".")}
-        if fields:
-            out[component] = fields
-    if not out and "lora_alpha" in config:
-        out["transformer"] = config
-    return out
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-def _scale(group: _Group, component: str, module: str, configs: dict[str, dict]) -> float:
-    rank = int(group.down.shape[0])
-    config = configs.get(component, {})
-    alpha = group.alpha
-    if alpha is None:
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
-    return float(alpha) / (rank**0.5 if config.get("use_rslora") else rank)
-
-
 # ------------------------------------------------------------------------------------------------------ resolving
 
 
@@ -275,13 +147,13 @@ class _Names:
         return [_Target("transformer", t, i, len(targets), swap) for i, t in enumerate(targets)]
 
     def resolve(self, stem: str) -> list[_Target] | None:
-        for prefix in _ORIGINAL_PREFIXES:
+        for prefix in ORIGINAL_PREFIXES:
             if stem.startswith(prefix):
                 return self._original(stem[len(prefix) :])
-        for prefix, component in _DOTTED_PREFIXES.items():
+        for prefix, component in DOTTED_PREFIXES.items():
             if stem.startswith(prefix):
                 return [_Target(component, stem[len(prefix) :])]
-        for prefix, component in _UNDERSCORED_PREFIXES.items():
+        for prefix, component in UNDERSCORED_PREFIXES.items():
             if stem.startswith(prefix):
                 rest = stem[len(prefix) :]
                 if component == "transformer" and rest in self.original_underscored:
@@ -323,10 +195,10 @@ def parse_lora(
     """Turn a LoRA state dict into :class:`LoRA` layers for ``modules`` (``{"transformer": MMDiT, "clip_l": …}``;
     None for an absent encoder). Raises :class:`LoRAFormatError` naming the key when a key matches no module of
     the model or a shape disagrees; layers for an absent text encoder are skipped with a warning."""
-    groups = _group_keys(tensors, source)
+    groups = group_keys(tensors, source)
     if not groups:
         raise LoRAFormatError(f"{source}: holds no LoRA tensors")
-    configs = _metadata_alphas(metadata or {}, source)
+    configs = metadata_alphas(metadata or {}, source)
     names = _Names(modules)
     layers: dict[tuple[str, str], LoRALayer] = {}
     skipped: list[str] = []
@@ -360,7 +232,7 @@ def parse_lora(
                     f"{source}: LoRA module {stem!r} maps {group.down.shape[1]} → {up.shape[0]} features but "
                     f"{target.module} maps {shape[1]} → {shape[0] * target.chunks} (a LoRA for another model size?)"
                 )
-            scale = _scale(group, target.component, target.module, configs)
+            scale = lora_scale(group, target.component, target.module, configs)
             layers[(target.component, target.module)] = LoRALayer(group.down.float(), part.float(), scale)
     if skipped:
         logger.warning(
