@@ -1,5 +1,6 @@
 """Shared test setup: one intra-op thread (small convolutions are far slower with two on a 2-core machine),
-the tests folder on sys.path for the tiny-model builders, and no network."""
+the tests folder on sys.path for the tiny-model builders (tests/tiny_sd3.py: diffusers-format SD3 folders and
+random ShapesWorld pipelines, one builder each), shared fixtures, and no network."""
 
 import os
 import sys

@@ -13,10 +13,10 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
-import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
+from tiny_sd3 import random_shapesworld
 
 from workbench import GenerationCancelled
 from workbench.loading import EMBEDDED_MODEL
@@ -29,19 +29,8 @@ PROMPT = "a large red circle at the top left on a white background"
 
 
 def micro_pipeline(experts_on: bool = True):
-    """A random micro ShapesWorld pipeline whose output does depend on its weights (the stock init predicts 0)."""
-    from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
-
-    spec = ShapesWorldSpec.micro()
-    if not experts_on:
-        spec.moe_layers = ()
-    pipe = build_pipeline(spec, seed=0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in pipe.transformer.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.abs().sum() == 0:
-                module.weight.normal_(0.0, 0.05, generator=generator)
-    return pipe
+    """A random micro ShapesWorld pipeline whose output does depend on its weights."""
+    return random_shapesworld(experts=experts_on)
 
 
 def app_model():

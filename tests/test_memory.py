@@ -19,17 +19,10 @@ CALL = dict(height=64, width=64, num_inference_steps=2, guidance_scale=3.0, seed
 
 @pytest.fixture(scope="module")
 def micro_folder(tmp_path_factory):
-    """The micro ShapesWorld MoE pipeline with random (non-zero) weights everywhere, saved as a diffusers folder."""
-    from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
+    """The micro ShapesWorld MoE pipeline with random (non-zero) weights, saved as a diffusers folder."""
+    from tiny_sd3 import random_shapesworld
 
-    pipe = build_pipeline(ShapesWorldSpec.micro(), seed=3)
-    generator = torch.Generator().manual_seed(0)
-    for module in pipe.transformer.modules():
-        if isinstance(module, nn.Linear):
-            bound = module.in_features**-0.5
-            module.weight.data = (torch.rand(module.weight.shape, generator=generator) * 2 - 1) * bound
-            if module.bias is not None:
-                module.bias.data = (torch.rand(module.bias.shape, generator=generator) * 2 - 1) * bound
+    pipe = random_shapesworld(seed=3)
     return save_pipeline(pipe, tmp_path_factory.mktemp("micro"))
 
 

@@ -21,16 +21,11 @@ def model_path(tmp_path_factory) -> str:
     and sharp routers, so that top-2 routing really drops experts."""
     if (EMBEDDED_MODEL / "model_index.json").is_file():
         return str(EMBEDDED_MODEL)
-    from workbench.loading import save_pipeline
-    from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
+    from tiny_sd3 import random_shapesworld
 
-    pipe = build_pipeline(ShapesWorldSpec(), seed=0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pipe.transformer.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-        for moe in pipe.transformer.moe_layers:
-            moe.router.weight.normal_(0, 1, generator=generator)
+    from workbench.loading import save_pipeline
+
+    pipe = random_shapesworld(micro=False, sharp_routers=True)
     return str(save_pipeline(pipe, tmp_path_factory.mktemp("random_shapesworld")))
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from workbench import sweep
@@ -32,14 +31,11 @@ def model_path(tmp_path_factory) -> str:
     """The shipped model; before it exists, a random full-size ShapesWorld model with perturbed (non-zero) output."""
     if (EMBEDDED_MODEL / "model_index.json").is_file():
         return str(EMBEDDED_MODEL)
-    from workbench.loading import save_pipeline
-    from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
+    from tiny_sd3 import random_shapesworld
 
-    pipe = build_pipeline(ShapesWorldSpec(), seed=0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pipe.transformer.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    from workbench.loading import save_pipeline
+
+    pipe = random_shapesworld(micro=False)
     return str(save_pipeline(pipe, tmp_path_factory.mktemp("random_shapesworld")))
 
 

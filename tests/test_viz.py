@@ -44,15 +44,9 @@ def straight_trajectory(start: torch.Tensor, end: torch.Tensor, steps: int) -> T
 @pytest.fixture(scope="module")
 def micro_run():
     """A micro random MoE model with perturbed weights (non-zero velocities, non-uniform routing), two images."""
-    from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
+    from tiny_sd3 import random_shapesworld
 
-    pipe = build_pipeline(ShapesWorldSpec.micro())
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in pipe.transformer.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-        for moe in pipe.transformer.moe_layers:
-            moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=generator))
+    pipe = random_shapesworld(noise_seed=1, sharp_routers=True)
     prompts = ["a red circle at the center on a white background", "a blue star at the top on a black background"]
     out = pipe(prompts, seed=0, num_inference_steps=5, height=64, width=64, record_trajectory=True, record_routing=True)
     return pipe, out

@@ -150,3 +150,27 @@ def save_tiny_sd3_pipeline(folder: str | Path, **kwargs: Any):
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return pipe
+
+
+def random_shapesworld(
+    micro: bool = True, seed: int = 0, noise_seed: int = 0, experts: bool = True, sharp_routers: bool = False
+):
+    """A random ShapesWorld pipeline (the workbench's own SD3-layout model, ``ShapesWorldSpec.micro()`` or the full
+    spec) whose output depends on its weights: every transformer parameter gets N(0, 0.05²) noise (the stock init
+    zeroes the output projections, so an untouched model predicts 0). ``sharp_routers`` draws the MoE routers from
+    N(0, 1), so that top-k routing really drops experts; ``experts=False`` builds it dense. The one builder of random
+    ShapesWorld models for the tests."""
+    from workbench.shapesworld.model import ShapesWorldSpec, build_pipeline
+
+    spec = ShapesWorldSpec.micro() if micro else ShapesWorldSpec()
+    if not experts:
+        spec.moe_layers = ()
+    pipe = build_pipeline(spec, seed=seed)
+    generator = torch.Generator().manual_seed(noise_seed)
+    with torch.no_grad():
+        for parameter in pipe.transformer.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        if sharp_routers:
+            for moe in pipe.transformer.moe_layers:
+                moe.router.weight.normal_(0, 1, generator=generator)
+    return pipe
