@@ -270,3 +270,171 @@ def test_loading_a_model_resets_the_settings_of_every_tab(page):
     assert_no_badges_in_any_tab(page, "model-loaded")
     assert page.locator("#t2i-steps input[type=number]").first.input_value() == default_steps
     assert page.locator("#expert-weight-0 input[type=number]").first.input_value() == "1"
+
+
+def is_disabled(page, elem_id: str) -> bool:
+    return page.locator(f"#{elem_id}").first.is_disabled()
+
+
+def gallery_caption(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").first.inner_text()
+
+
+def test_progress_preview_and_buttons_while_generating(page):
+    """Defects 5 and 6: progress with step k of N, it/s and ETA; an x̂0 preview at full size that looks like the final
+    image and is replaced by it; Generate disabled and Stop enabled only while running; Seed used empty before."""
+    assert field_value(page, "t2i-used-seed") == ""
+    assert is_disabled(page, "t2i-stop") and not is_disabled(page, "t2i-generate")
+    page.locator("#t2i-prompt textarea").fill(BROWSER_PROMPT)
+    set_number(page, "t2i-steps", 30)
+    set_number(page, "t2i-batch", 2)
+    page.locator("#t2i-generate").click()
+    page.wait_for_function("() => document.querySelector('#t2i-generate').disabled")
+    assert not is_disabled(page, "t2i-stop")
+    page.wait_for_function(
+        """() => { const text = document.querySelector('#t2i-status').innerText;
+                   const step = text.match(/Step (\\d+) of 30/);
+                   return step && Number(step[1]) >= 20 && text.includes('it/s') && text.includes('ETA'); }"""
+    )
+    assert page.locator("#t2i-status [role=progressbar]").count() == 1
+    page.locator("#t2i-gallery").get_by_text("x̂0 preview").first.wait_for(state="visible")
+    page.screenshot(path=str(ARTIFACTS / "text2img-running.png"), full_page=True)
+    preview = image_pixels(page, "#t2i-gallery img")
+    wait_for_text(page, "t2i-status", "Done")
+    page.screenshot(path=str(ARTIFACTS / "text2img-done.png"), full_page=True)
+    assert "x̂0 preview" not in gallery_caption(page, "t2i-gallery")
+    final = image_pixels(page, "#t2i-gallery img")
+    assert preview.shape == final.shape == (128, 128, 3)
+    assert np.abs(preview.astype(int) - final.astype(int)).mean() < 12
+    assert not is_disabled(page, "t2i-generate") and is_disabled(page, "t2i-stop")
+    assert field_value(page, "t2i-used-seed").isdigit()
+
+
+def test_everyday_settings_in_view_and_ctrl_enter_generates(page):
+    """Defect 7: steps, seed and batch count were in a closed accordion, and Generate fell below the fold."""
+    for elem_id in ("t2i-steps", "t2i-seed", "t2i-batch", "t2i-generate", "t2i-stop"):
+        assert page.locator(f"#{elem_id}").first.is_visible(), elem_id
+    open_accordion(page, "t2i-settings")
+    box = page.locator("#t2i-generate").bounding_box()
+    assert box is not None and box["y"] + box["height"] <= 1000
+    set_number(page, "t2i-steps", 2)
+    page.locator("#t2i-prompt textarea").click()
+    page.keyboard.press("Control+Enter")
+    wait_for_text(page, "t2i-status", "Done")
+    assert "Steps: 2," in field_value(page, "t2i-parameters")
+
+
+def test_flow_has_its_own_steps_and_says_what_it_borrows(page):
+    """Defect 9: a trace silently ran with Text → Image's steps."""
+    set_number(page, "t2i-steps", 150)
+    open_tab(page, "Flow")
+    assert "come from Text → Image" in page.locator("#flow-borrowed").inner_text()
+    set_number(page, "flow-steps", 3)
+    page.locator("#flow-generate").click()
+    wait_for_text(page, "flow-status", "Done")
+    page.screenshot(path=str(ARTIFACTS / "flow.png"), full_page=True)
+    assert "3 steps" in page.locator("#flow-straightness").inner_text()
+
+
+def test_stop_is_per_tab_and_removes_the_queued_job(page, served):
+    """Defect 4: Flow's Stop stopped the Text → Image run, and the queued trace ran to its end."""
+    traces = served[0].workbench.output_dir / "flow"
+    before = len(list(traces.glob("*.png"))) if traces.is_dir() else 0
+    set_number(page, "t2i-steps", 150)
+    set_number(page, "t2i-batch", 4)
+    page.locator("#t2i-generate").click()
+    wait_for_text(page, "t2i-status", "Step")
+    open_tab(page, "Flow")
+    page.locator("#flow-generate").click()
+    wait_for_text(page, "flow-status", "Queued")
+    page.locator("#flow-stop").click()
+    wait_for_text(page, "flow-status", "Stopped")
+    assert not is_disabled(page, "flow-generate")
+    open_tab(page, "Text → Image")
+    assert "Stopped" not in page.locator("#t2i-status").inner_text()
+    page.wait_for_timeout(1000)
+    assert "Step" in page.locator("#t2i-status").inner_text()
+    page.locator("#t2i-stop").click()
+    wait_for_text(page, "t2i-status", "Stopped")
+    page.wait_for_timeout(3000)  # time for a queued trace to run, were it still queued
+    open_tab(page, "Flow")
+    assert "Stopped" in page.locator("#flow-status").inner_text()
+    assert (len(list(traces.glob("*.png"))) if traces.is_dir() else 0) == before
+
+
+def shown_width(page, selector: str) -> float:
+    """The width in CSS px at which the page draws the picture of the first <img> of ``selector`` (its box scaled by
+    the element's object-fit)."""
+    page.locator(selector).first.wait_for(state="visible")
+    return page.locator(selector).first.evaluate(
+        """img => { const fit = getComputedStyle(img).objectFit;
+            const k = Math.min(img.clientWidth / img.naturalWidth, img.clientHeight / img.naturalHeight);
+            const scale = fit === 'none' ? 1 : fit === 'scale-down' ? Math.min(1, k) : k;
+            return scale * img.naturalWidth; }"""
+    )
+
+
+def test_small_renders_fill_their_boxes(page, served):
+    """Defect 8: the Experts image and region map, the Flow image, PNG info and the GIF showed at native 128 px;
+    the region-map legend was unreadable, Flow's label overlapped its image, the frames gallery overflowed."""
+    set_number(page, "t2i-steps", 2)
+    open_tab(page, "Experts")
+    page.locator("#experts-generate").click()
+    wait_for_text(page, "experts-status", "Done")
+    page.locator("#experts-region-map img").first.wait_for(state="visible")
+    page.screenshot(path=str(ARTIFACTS / "experts.png"), full_page=True)
+    assert shown_width(page, "#experts-image img") >= 250
+    assert shown_width(page, "#experts-region-map img") >= 250
+    legend = page.locator("#experts-region-legend")
+    assert "Expert 0:" in legend.inner_text()
+    assert float(legend.evaluate("node => getComputedStyle(node).fontSize").removesuffix("px")) >= 12
+
+    open_tab(page, "Flow")
+    set_number(page, "flow-steps", 2)
+    page.locator("#flow-generate").click()
+    wait_for_text(page, "flow-status", "Done")
+    assert shown_width(page, "#flow-image img") >= 250
+    label = page.locator("#flow-image [data-testid=block-label]")
+    assert label.count() == 0 or not label.first.is_visible()
+
+    open_tab(page, "PNG info")
+    page.locator("#pnginfo-image input[type=file]").set_input_files(str(workbench_png(served)))
+    assert shown_width(page, "#pnginfo-image img") >= 250
+    page.screenshot(path=str(ARTIFACTS / "pnginfo.png"), full_page=True)
+
+    open_tab(page, "Video frames")
+    set_number(page, "frames-num", 6)
+    open_accordion(page, "frames-settings")
+    set_number(page, "frames-steps", 1)
+    page.locator("#frames-format").get_by_text("gif").click()
+    page.locator("#frames-generate").click()
+    wait_for_text(page, "frames-status", "Done: 6 frames")
+    page.screenshot(path=str(ARTIFACTS / "frames.png"), full_page=True)
+    assert shown_width(page, "#frames-gif img") >= 250
+    overflow = page.evaluate(
+        "() => { const g = document.querySelector('#frames-gallery'); return g.scrollWidth - g.clientWidth; }"
+    )
+    assert overflow <= 1
+
+
+def test_frames_progress_counts_frames(page):
+    """Defect 6: Video frames counted "Step N of 144" instead of frame k of 6."""
+    open_tab(page, "Video frames")
+    set_number(page, "frames-num", 6)
+    open_accordion(page, "frames-settings")
+    set_number(page, "frames-steps", 24)
+    page.locator("#frames-generate").click()
+    wait_for_text(page, "frames-status", "Frame 2 of 6")
+    assert (
+        "step" in page.locator("#frames-status").inner_text() and "of 24" in page.locator("#frames-status").inner_text()
+    )
+    page.locator("#frames-stop").click()
+    wait_for_text(page, "frames-status", "Stopped")
+
+
+def test_text_uses_fonts_that_exist_offline(page):
+    """Defect 10: the "Attach LoRA" label rendered with mixed glyphs (web fonts that need the network)."""
+    open_tab(page, "Model")
+    family = page.evaluate("() => getComputedStyle(document.querySelector('#lora-attach')).fontFamily")
+    assert family.split(",")[0].strip().strip('"') in ("DejaVu Sans", "Liberation Sans"), family
+    page.screenshot(path=str(ARTIFACTS / "model.png"), full_page=True)

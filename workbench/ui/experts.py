@@ -16,10 +16,12 @@ from workbench.ui.live import LivePreview, ProgressLine, progress_html
 from workbench.ui.results import publish
 from workbench.ui.runs import message_html, run_key, stop_button, wire_run, with_messages
 from workbench.ui.session import GPU, Step, Workbench, page_errors
+from workbench.ui.style import UPSCALE
 
 TAB = "experts"
 
 MAX_EXPERT_SLIDERS = 16
+REGION_MAP_SIDE = 384  # small renders are upscaled first, so that the legend under the map is legible
 ALL = "all"
 DENSE_NOTICE = (
     "**This model has no experts** (a dense MMDiT such as SD3-Medium): there is no routing to steer or show. "
@@ -70,22 +72,45 @@ def share_table(rows: list[dict]) -> list[list]:
     return [[row["block"], *[round(v, 3) for k, v in row.items() if k != "block"]] for row in rows]
 
 
-def region_map(state: dict | None, block: str, step: str):
-    """Redraw the region map of the last routing record for one block/step (``"all"`` averages)."""
-    from workbench.viz import expert_region_map
-
-    if not state:
-        return None
+def region_map(state: dict | None, block: str, step: str) -> tuple:
+    """Redraw the region map of the last routing record for one block/step (``"all"`` averages): (the image
+    overlaid with each region's expert colour, upscaled to about :data:`REGION_MAP_SIDE` px; its legend as HTML)."""
     from PIL import Image
 
+    from workbench.viz import expert_assignment, expert_region_map
+
+    if not state:
+        return None, ""
+    chosen = {
+        "batch_index": state["batch_index"],
+        "block": None if block in (None, ALL) else int(block),
+        "step": None if step in (None, ALL) else int(step),
+    }
     with page_errors("Region map"):
-        return expert_region_map(
-            state["record"],
-            Image.open(state["image"]).convert("RGB"),
-            batch_index=state["batch_index"],
-            block=None if block in (None, ALL) else int(block),
-            step=None if step in (None, ALL) else int(step),
+        image = Image.open(state["image"]).convert("RGB")
+        scale = max(1, -(-REGION_MAP_SIDE // max(image.size)))
+        large = image.resize((image.width * scale, image.height * scale), Image.Resampling.LANCZOS)
+        overlay = expert_region_map(state["record"], large, legend=False, **chosen)
+        return overlay, region_legend(expert_assignment(state["record"], **chosen), state["record"])
+
+
+def region_legend(assignment, record) -> str:
+    """HTML legend of a region map: each expert's colour swatch and share of the image tokens that chose it."""
+    import numpy as np
+
+    from workbench.viz import expert_colour
+
+    experts = int(record.entries[0]["gates"].shape[-1])
+    shares = np.bincount(assignment.ravel(), minlength=experts) / assignment.size
+    items = []
+    for expert in range(experts):
+        r, g, b = expert_colour(expert)
+        items.append(
+            f'<span style="display:inline-flex;align-items:center;margin:2px 14px 2px 0">'
+            f'<span style="width:16px;height:16px;border-radius:3px;margin-right:6px;background:rgb({r},{g},{b})">'
+            f"</span>Expert {expert}: {100 * shares[expert]:.0f}%</span>"
         )
+    return f'<div class="wb-region-legend">{"".join(items)}</div>'
 
 
 def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsTab:
@@ -125,12 +150,18 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
                         type="filepath",
                         format="png",
                         interactive=False,
-                        height=280,
+                        height=320,
                         elem_id="experts-image",
+                        elem_classes=[UPSCALE],
                     )
                     region = gr.Image(
-                        label="Expert per region", interactive=False, height=280, elem_id="experts-region-map"
+                        label="Expert per region",
+                        interactive=False,
+                        height=360,
+                        elem_id="experts-region-map",
+                        elem_classes=[UPSCALE],
                     )
+                legend = gr.HTML("", elem_id="experts-region-legend")
                 with gr.Row():
                     block = gr.Dropdown([ALL], value=ALL, label="Region map: block")
                     step = gr.Dropdown([ALL], value=ALL, label="Region map: step")
@@ -192,7 +223,7 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
                     )
                     yield {
                         image: result["path"],
-                        region: region_map(state, ALL, ALL),
+                        **dict(zip((region, legend), region_map(state, ALL, ALL))),
                         usage: expert_usage_heatmap(out.routing, batch_index=index),
                         shares: gr.update(value=share_table(rows), headers=headers),
                         block: gr.update(choices=[ALL, *map(str, out.routing.blocks())], value=ALL),
@@ -212,7 +243,7 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
         status,
         run,
         [*t2i.inputs(), last_seed, temperature, *weights],
-        [image, region, usage, shares, block, step, routing, last_seed, status],
+        [image, region, legend, usage, shares, block, step, routing, last_seed, status],
     )
     reset.click(
         lambda: [1.0] * (MAX_EXPERT_SLIDERS + 1), None, [*weights, temperature], queue=False, api_visibility="private"
@@ -221,7 +252,7 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> ExpertsT
         [block.input, step.input],
         region_map,
         [routing, block, step],
-        region,
+        [region, legend],
         queue=False,
         api_visibility="private",
     )

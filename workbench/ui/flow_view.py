@@ -16,6 +16,7 @@ from workbench.ui.live import LivePreview, ProgressLine, progress_html
 from workbench.ui.results import publish
 from workbench.ui.runs import message_html, run_key, stop_button, wire_run, with_messages
 from workbench.ui.session import GPU, Step, Workbench, page_errors
+from workbench.ui.style import UPSCALE
 
 TAB = "flow"
 EXPLANATION = (
@@ -71,7 +72,7 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> FlowTab:
             height=320,
             scale=1,
             elem_id="flow-image",
-            elem_classes=["wb-upscale"],
+            elem_classes=[UPSCALE],
         )
         with gr.Column(scale=3):
             straightness = gr.Markdown("", elem_id="flow-straightness")

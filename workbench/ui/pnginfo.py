@@ -12,6 +12,7 @@ from workbench import Pipeline
 from workbench.metadata import read_parameters
 from workbench.ui.controls import SamplingControls, parameters_to_settings
 from workbench.ui.session import page_errors
+from workbench.ui.style import UPSCALE
 
 
 @dataclass
@@ -67,7 +68,9 @@ def build() -> PngInfoTab:
                 image_mode=None,
                 format="png",
                 sources=["upload"],
+                height=420,
                 elem_id="pnginfo-image",
+                elem_classes=[UPSCALE],
             )
         with gr.Column(scale=1):
             text = gr.Textbox(

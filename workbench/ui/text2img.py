@@ -19,6 +19,7 @@ from workbench.ui.controls import (
 from workbench.ui.results import ResultsPanel, gallery_items, publish, results_panel, stream_generation
 from workbench.ui.runs import ctrl_enter_js, run_key, stop_button, wire_run, with_messages
 from workbench.ui.session import GPU, MODEL_CONCURRENCY, Workbench, page_errors
+from workbench.ui.style import stylesheet
 
 TAB = "text2img"
 
@@ -50,6 +51,7 @@ def api_function(wb: Workbench):
 
 def build(wb: Workbench, last_seed: gr.State) -> Text2ImgTab:
     """Build the tab inside the current ``gr.Tab`` and wire its events."""
+    stylesheet()
     generate = gr.Button("Generate", variant="primary", elem_id="t2i-generate", render=False, size="lg")
     stop = stop_button("t2i-stop", render=False)
     with gr.Row():

@@ -17,6 +17,7 @@ from workbench.ui.live import LivePreview, ProgressLine, progress_html
 from workbench.ui.params import Handler, spread_fields
 from workbench.ui.runs import message_html, run_key, stop_button, wire_run, with_messages
 from workbench.ui.session import GPU, MODEL_CONCURRENCY, Step, Workbench, page_errors
+from workbench.ui.style import UPSCALE
 
 TAB = "frames"
 
@@ -234,7 +235,7 @@ def build(wb: Workbench) -> FramesTab:
             with gr.Row():
                 seed = gr.Textbox(value="0", label="Seed (walk: several, comma-separated)")
                 easing = gr.Dropdown(list(EASINGS), value="linear", label="Easing")
-                video_format = gr.Radio(list(FORMATS), value="mp4", label="Format")
+                video_format = gr.Radio(list(FORMATS), value="mp4", label="Format", elem_id="frames-format")
             loopback_strength = gr.Slider(
                 0.05, 1.0, value=DEFAULT_LOOPBACK_STRENGTH, step=0.05, label="Loopback strength"
             )
@@ -258,15 +259,19 @@ def build(wb: Workbench) -> FramesTab:
                 visible=False,
                 height=320,
                 elem_id="frames-preview",
-                elem_classes=["wb-upscale"],
+                elem_classes=[UPSCALE],
             )
             video = gr.Video(
                 label="Video", interactive=False, loop=True, autoplay=True, height=320, elem_id="frames-video"
             )
-            gif = gr.Image(label="GIF", interactive=False, visible=False, height=320, elem_id="frames-gif")
+            gif = gr.Image(
+                label="GIF", interactive=False, visible=False, height=320, elem_id="frames-gif", elem_classes=[UPSCALE]
+            )
             file = gr.File(label="Download", interactive=False)
             consistency = gr.Markdown("", label="Consistency")
-            gallery = gr.Gallery(label="Frames (PNG with parameters)", format="png", columns=6, height="auto")
+            gallery = gr.Gallery(
+                label="Frames (PNG with parameters)", format="png", columns=6, height="auto", elem_id="frames-gallery"
+            )
 
     tab = FramesTab(
         prompts,
