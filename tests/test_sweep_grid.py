@@ -157,3 +157,15 @@ def test_draw_grid_places_tiles_under_labels():
     assert grid.getpixel((left + 37, top + 5)) == (0, 0, 255)
     assert grid.getpixel((left + 37, top + 29)) == (200, 200, 200)
     assert grid.getpixel((2, grid.height - 1)) == (255, 255, 255)
+
+
+def test_cell_ids_of_earlier_sweeps_stay_as_they_were(tmp_path):
+    """A rerun recognises finished cells by id: ids computed before skip_layer_start / skip_layer_stop existed."""
+    plain = sweep.expand(sweep.parse_config({"output_dir": str(tmp_path), "prompts": ["a"], "seeds": [0]}))
+    assert [c.id for c in plain] == ["d338c890af"]
+    grid = {"output_dir": str(tmp_path), "prompts": ["a"], "guidance": [5, 6.0, 7.5], "steps": [24, 32]}
+    assert sweep.expand(sweep.parse_config({**grid, "sampler": ["euler", "heun"]}))[0].id == "56cc89ca8a"
+    later = sweep.parse_config({"output_dir": str(tmp_path), "prompts": ["a"], "skip_layer_start": [0.01, 0.1]})
+    cells = sweep.expand(later)
+    assert cells[0].id == "d338c890af" and cells[1].id != cells[0].id
+    assert sweep.pipeline_kwargs(cells[1].settings)["skip_layer_guidance_start"] == 0.1

@@ -286,9 +286,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("skip_layer_guidance_scale", "float", 2.8, "skip-layer guidance scale", 0, 100, cli="--slg-scale",
             sweep="skip_layer_scale", app=True, png="SLG scale"),
     Setting("skip_layer_guidance_start", "float", 0.01, "skip-layer guidance from this fraction of the steps", 0, 1,
-            cli="--slg-start", app=True, png="SLG start"),
+            cli="--slg-start", sweep="skip_layer_start", app=True, png="SLG start"),
     Setting("skip_layer_guidance_stop", "float", 0.2, "… up to this fraction of the steps", 0, 1, cli="--slg-stop",
-            app=True, png="SLG stop"),
+            sweep="skip_layer_stop", app=True, png="SLG stop"),
 )  # fmt: skip
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 SKIP_LAYER_DEFAULTS = {

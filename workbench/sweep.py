@@ -117,6 +117,8 @@ _LABELS = {  # short labels in file names; a key not listed is its own label wit
     "guidance_interval": "gi",
     "skip_layers": "slg",
     "skip_layer_scale": "slgs",
+    "skip_layer_start": "slga",
+    "skip_layer_stop": "slgb",
     "negative_prompt": "neg",
     "max_sequence_length": "msl",
 }
@@ -134,6 +136,8 @@ SETTING_DEFAULTS: dict[str, Any] = {
     if spec.default is not None and spec.default is not settings.MODEL_DEFAULT
 }
 """The fixed defaults (a missing key takes None: the model's default, or off)."""
+LATER_KEYS: dict[str, Any] = {"skip_layer_start": 0.01, "skip_layer_stop": 0.2}
+"""Setting keys added after the first sweeps, with their defaults; a cell at these defaults keeps its old id."""
 GENERAL_KEYS = (
     "model",
     "lora",
@@ -445,6 +449,9 @@ def cell_id(config: SweepConfig, prompt: str, seed: int, settings: Mapping[str, 
         identity["lora"] = config.lora
     else:
         identity["settings"].pop("lora_strength", None)  # ids of sweeps without a LoRA stay as they were
+    for key, default in LATER_KEYS.items():  # keys added after sweeps were run: absent from ids at their default
+        if identity["settings"].get(key) == default:
+            identity["settings"].pop(key)
     return hashlib.sha1(_canonical(identity).encode()).hexdigest()[:10]
 
 
