@@ -9,17 +9,15 @@ parameters that Gradio's API shows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import gradio as gr
 
-from workbench import GenerationCancelled, Pipeline
-from workbench.flow import img2img_start
+from workbench import Pipeline
 from workbench.settings import MAX_SEED, SKIP_LAYER_DEFAULTS, default_value, parse_block_list, setting
 from workbench.ui.params import Handler, spread_fields
-from workbench.ui.session import Step, Workbench
 
 SIZE_STEP = 16
 MAX_BATCH = 8
@@ -316,89 +314,3 @@ def parameters_to_settings(params: dict, pipe: Pipeline) -> dict[str, object]:
         "skip_layer_start": float(params.get("skip_layer_guidance_start", SKIP_LAYER_DEFAULTS["start"])),
         "skip_layer_stop": float(params.get("skip_layer_guidance_stop", SKIP_LAYER_DEFAULTS["stop"])),
     }
-
-
-# ------------------------------------------------------------------------------------------------ results panel
-
-
-@dataclass
-class ResultsPanel:
-    """Live preview, status line, gallery of PNGs, the seed used and the PNG parameters of the selected image."""
-
-    preview: gr.Image
-    status: gr.Markdown
-    gallery: gr.Gallery
-    used_seed: gr.Number
-    parameters: gr.Textbox
-    results: gr.State
-    selected: gr.State
-    send_to_img2img: gr.Button
-
-    def stream_outputs(self) -> list:
-        return [self.preview, self.status, self.gallery, self.used_seed, self.parameters, self.results, self.selected]
-
-
-def results_panel(prefix: str) -> ResultsPanel:
-    """Build the right-hand column of a generation tab; gallery selection shows that image's seed and parameters."""
-    preview = gr.Image(label="Live preview", interactive=False, height=256, elem_id=f"{prefix}-preview")
-    status = gr.Markdown("", elem_id=f"{prefix}-status")
-    gallery = gr.Gallery(
-        label="Images (PNG with parameters)", format="png", columns=4, height="auto", elem_id=f"{prefix}-gallery"
-    )
-    with gr.Row():
-        used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False, elem_id=f"{prefix}-used-seed")
-        send = gr.Button("Send to Image → Image", elem_id=f"{prefix}-send-img2img")
-    parameters = gr.Textbox(
-        label="Parameters", lines=3, interactive=False, buttons=["copy"], elem_id=f"{prefix}-parameters"
-    )
-    results = gr.State([])
-    selected = gr.State(0)
-
-    def select(results: list[dict], event: gr.SelectData):
-        index = event.index if isinstance(event.index, int) and 0 <= event.index < len(results) else 0
-        if not results:
-            return gr.update(), gr.update(), 0
-        return results[index]["seed"], results[index]["parameters"], index
-
-    gallery.select(select, [results], [used_seed, parameters, selected], queue=False, api_visibility="private")
-    return ResultsPanel(preview, status, gallery, used_seed, parameters, results, selected, send)
-
-
-def publish(wb: Workbench, out, kind: str) -> list[dict]:
-    """Save a :class:`workbench.GenerationOutput`'s images as PNGs; one ``{"path", "seed", "parameters"}`` each."""
-    paths = wb.save(out.images, kind)
-    return [
-        {"path": path, "seed": seed, "parameters": image.info["parameters"]}
-        for path, seed, image in zip(paths, out.seeds, out.images)
-    ]
-
-
-def gallery_items(results: list[dict]) -> list[tuple[str, str]]:
-    return [(r["path"], f"seed {r['seed']}") for r in results]
-
-
-def stream_generation(
-    wb: Workbench, panel: ResultsPanel, session: str | None, kind: str, prompt: str, kwargs: dict
-) -> Iterator[dict]:
-    """The streaming body of a generation tab: a live preview per step, then the gallery; Stop shows a message."""
-    total = kwargs["num_inference_steps"]
-    if kwargs.get("image") is not None:
-        total -= img2img_start(total, kwargs.get("strength", 0.6))
-    yield {panel.status: "Waiting for the model…"}
-    try:
-        for event in wb.stream(session, lambda callback: wb.pipe(prompt, callback=callback, **kwargs), total):
-            if isinstance(event, Step):
-                yield {panel.preview: event.preview, panel.status: f"Step {event.index + 1} of {event.total}"}
-            else:
-                results = publish(wb, event.result, kind)
-                yield {
-                    panel.status: f"Done: {len(results)} image(s), seed {results[0]['seed']}.",
-                    panel.gallery: gallery_items(results),
-                    panel.used_seed: results[0]["seed"],
-                    panel.parameters: results[0]["parameters"],
-                    panel.results: results,
-                    panel.selected: 0,
-                }
-    except GenerationCancelled as err:
-        gr.Warning(f"Stopped: {err}")
-        yield {panel.status: f"Stopped: {err}"}
