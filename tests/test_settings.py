@@ -147,3 +147,17 @@ def test_settings_object_is_frozen_and_validated():
         GenerationSettings(num_inference_steps=0)
     with pytest.raises(ValueError, match="start=0.5"):
         GenerationSettings(skip_guidance_layers=(1,), skip_layer_guidance_start=0.5, skip_layer_guidance_stop=0.2)
+
+
+def test_pipeline_call_takes_every_setting_with_its_default():
+    """``Pipeline.__call__`` keeps its keyword API; its defaults are the table's (None: the model's or the table's)."""
+    import inspect
+
+    from workbench import Pipeline
+
+    parameters = inspect.signature(Pipeline.__call__).parameters
+    for spec in SETTINGS:
+        assert spec.name in parameters, spec.name
+        default = parameters[spec.name].default
+        expected = None if spec.default is settings.MODEL_DEFAULT else spec.default
+        assert default is None or default == expected, (spec.name, default, expected)
