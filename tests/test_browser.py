@@ -286,14 +286,14 @@ def test_progress_preview_and_buttons_while_generating(page):
     assert field_value(page, "t2i-used-seed") == ""
     assert is_disabled(page, "t2i-stop") and not is_disabled(page, "t2i-generate")
     page.locator("#t2i-prompt textarea").fill(BROWSER_PROMPT)
-    set_number(page, "t2i-steps", 30)
+    set_number(page, "t2i-steps", 40)
     set_number(page, "t2i-batch", 2)
     page.locator("#t2i-generate").click()
     page.wait_for_function("() => document.querySelector('#t2i-generate').disabled")
     assert not is_disabled(page, "t2i-stop")
     page.wait_for_function(
         """() => { const text = document.querySelector('#t2i-status').innerText;
-                   const step = text.match(/Step (\\d+) of 30/);
+                   const step = text.match(/Step (\\d+) of 40/);
                    return step && Number(step[1]) >= 20 && text.includes('it/s') && text.includes('ETA'); }"""
     )
     assert page.locator("#t2i-status [role=progressbar]").count() == 1
@@ -438,3 +438,18 @@ def test_text_uses_fonts_that_exist_offline(page):
     family = page.evaluate("() => getComputedStyle(document.querySelector('#lora-attach')).fontFamily")
     assert family.split(",")[0].strip().strip('"') in ("DejaVu Sans", "Liberation Sans"), family
     page.screenshot(path=str(ARTIFACTS / "model.png"), full_page=True)
+
+
+def test_bad_input_is_a_message_in_its_own_tab(page):
+    """A failed action shows its message next to its own controls and changes nothing elsewhere."""
+    open_accordion(page, "t2i-settings")
+    page.locator("#t2i-skip-layers textarea, #t2i-skip-layers input").first.fill("7;8")
+    page.locator("#t2i-generate").click()
+    wait_for_text(page, "t2i-status", "skip_layers")
+    assert "Error" in page.locator("#t2i-status").inner_text()
+    assert not is_disabled(page, "t2i-generate")
+    open_tab(page, "Image → Image")
+    page.locator("#i2i-generate").click()
+    wait_for_text(page, "i2i-status", "upload a start image")
+    page.screenshot(path=str(ARTIFACTS / "img2img-error.png"), full_page=True)
+    assert_no_badges_in_any_tab(page, "bad-input")

@@ -18,7 +18,7 @@ from workbench.ui.runs import message_html
 from workbench.ui.session import Step, Workbench
 
 HISTORY_SIZE = 24
-GALLERY_HEIGHT = 560
+GALLERY_HEIGHT = 600  # one image across the column, or two rows of two
 
 
 @dataclass
@@ -67,8 +67,7 @@ def results_panel(prefix: str) -> ResultsPanel:
     gallery = gr.Gallery(
         label="Images (PNG with parameters)",
         format="png",
-        columns=2,
-        preview=True,
+        columns=1,
         object_fit="contain",
         height=GALLERY_HEIGHT,
         elem_id=f"{prefix}-gallery",
@@ -107,7 +106,7 @@ def results_panel(prefix: str) -> ResultsPanel:
         if not history_results or not isinstance(event.index, int) or not 0 <= event.index < len(history_results):
             return {}
         chosen = [history_results[event.index]]
-        return {gallery: gallery_items(chosen), results: chosen, **panel.shown(chosen, 0)}
+        return {gallery: gallery_update(gallery_items(chosen)), results: chosen, **panel.shown(chosen, 0)}
 
     private = dict(queue=False, show_progress="hidden", api_visibility="private")
     gallery.select(select, [results], [parameters, used_seed, download, selected], **private)
@@ -128,6 +127,11 @@ def gallery_items(results: list[dict]) -> list[tuple[str, str]]:
     return [(r["path"], f"seed {r['seed']}") for r in results]
 
 
+def gallery_update(items: list) -> dict:
+    """The gallery showing ``items``: one image across the column, several two by two."""
+    return gr.update(value=items, columns=1 if len(items) == 1 else 2)
+
+
 def stream_generation(
     wb: Workbench, panel: ResultsPanel, key: str, kind: str, prompt: str, kwargs: dict, history: list[dict]
 ) -> Iterator[dict]:
@@ -146,14 +150,14 @@ def stream_generation(
                 images = live.images()
                 if images is not None:
                     caption = f"x̂0 preview, step {event.index + 1} of {event.total}"
-                    update[panel.gallery] = [(image, caption) for image in images]
+                    update[panel.gallery] = gallery_update([(image, caption) for image in images])
                 yield update
                 continue
             results = publish(wb, event.result, kind)
             history = (results + history)[:HISTORY_SIZE]
             yield {
                 panel.status: message_html(f"Done: {len(results)} image(s), seed {results[0]['seed']}.", "info"),
-                panel.gallery: gallery_items(results),
+                panel.gallery: gallery_update(gallery_items(results)),
                 panel.results: results,
                 panel.history: gallery_items(history),
                 panel.history_results: history,
