@@ -356,6 +356,7 @@ def test_stop_is_per_tab_and_removes_the_queued_job(page, served):
     assert "Step" in page.locator("#t2i-status").inner_text()
     page.locator("#t2i-stop").click()
     wait_for_text(page, "t2i-status", "Stopped")
+    assert field_value(page, "t2i-used-seed") == ""  # no image yet: no seed
     page.wait_for_timeout(3000)  # time for a queued trace to run, were it still queued
     open_tab(page, "Flow")
     assert "Stopped" in page.locator("#flow-status").inner_text()
@@ -453,3 +454,32 @@ def test_bad_input_is_a_message_in_its_own_tab(page):
     wait_for_text(page, "i2i-status", "upload a start image")
     page.screenshot(path=str(ARTIFACTS / "img2img-error.png"), full_page=True)
     assert_no_badges_in_any_tab(page, "bad-input")
+
+
+def test_history_reuse_seed_and_download(page):
+    """The session history shows every image of this session; a click shows one in the gallery again with its seed
+    and generation info; "Reuse last" puts the selected image's seed in the seed box; the PNG can be downloaded."""
+    assert page.locator("#t2i-download").first.is_disabled()
+    set_number(page, "t2i-steps", 2)
+    seeds = []
+    for seed in (11, 22):
+        set_number(page, "t2i-seed", seed)
+        page.locator("#t2i-generate").click()
+        wait_for_text(page, "t2i-status", f"seed {seed}.")
+        seeds.append(field_value(page, "t2i-used-seed"))
+    assert seeds == ["11", "22"]
+    assert not page.locator("#t2i-download").first.is_disabled()
+    open_accordion(page, "t2i-history-box")
+    page.locator("#t2i-history img").nth(1).wait_for(state="visible")
+    assert page.locator("#t2i-history img").count() == 2
+    page.locator("#t2i-history img").nth(1).click()  # newest first: the second is the first generation
+    page.wait_for_function(
+        "() => document.querySelector('#t2i-used-seed textarea, #t2i-used-seed input').value === '11'"
+    )
+    assert "Seed: 11," in field_value(page, "t2i-parameters")
+    set_number(page, "t2i-seed", -1)
+    page.locator("#t2i-reuse-seed").click()
+    page.wait_for_function("() => document.querySelector('#t2i-seed input').value === '11'")
+    with page.expect_download() as download:
+        page.locator("#t2i-download").first.click()
+    assert download.value.suggested_filename.endswith(".png")
