@@ -332,12 +332,18 @@ def load_single_file(
 ) -> Pipeline:
     """Load ``sd3_medium.safetensors``-style checkpoints. Text encoders and tokenizers come from
     ``text_encoders_from`` (a diffusers folder of the same family); weights stored in the file replace theirs."""
-    parts = split_single_file(read_safetensors(file))
-    if "transformer" not in parts:
-        raise ModelFormatError(f"{file}: no MMDiT weights found (expected keys model.diffusion_model.*)")
-    transformer_state = parts["transformer"]
-    config = infer_transformer_config(transformer_state)
-    transformer = build_transformer(config, transformer_state, dtype, str(file))
+    if file.suffix.lower() == ".gguf":  # a quantized transformer alone: workbench.formats.gguf
+        from workbench.formats.gguf import load_gguf_transformer
+
+        parts, transformer = {}, load_gguf_transformer(file, dtype)
+        config = transformer.config
+    else:
+        parts = split_single_file(read_safetensors(file))
+        if "transformer" not in parts:
+            raise ModelFormatError(f"{file}: no MMDiT weights found (expected keys model.diffusion_model.*)")
+        transformer_state = parts["transformer"]
+        config = infer_transformer_config(transformer_state)
+        transformer = build_transformer(config, transformer_state, dtype, str(file))
     vae_state = parts.get("vae")
     companion = Path(text_encoders_from) if text_encoders_from else None
     if vae_state is None:
@@ -381,17 +387,18 @@ def load_pipeline(
     vae_tile_threshold: int | None = None,
 ) -> Pipeline:
     """Load a model: ``None`` (the embedded ShapesWorld model), a diffusers folder, a Hugging Face repo id in the
-    local cache, or a single ``.safetensors`` checkpoint. ``quantization`` ∈ {None, "int8", "nf4", "fp4"} (a
-    diffusers folder's transformer is quantized while it is read); ``offload`` ∈ {None, "model", "sequential"};
-    the keyword options are those of :func:`workbench.memory.prepare`."""
+    local cache, a single ``.safetensors`` checkpoint, or a ``.gguf`` transformer (ComfyUI-GGUF or
+    stable-diffusion.cpp, kept quantized; VAE and text encoders from ``text_encoders_from``). ``quantization`` ∈
+    {None, "int8", "nf4", "fp4"} (a diffusers folder's transformer is quantized while it is read); ``offload`` ∈
+    {None, "model", "sequential"}; the keyword options are those of :func:`workbench.memory.prepare`."""
 
     memory.check_options(quantization, offload, attention_chunk_size, int8_backend, vae_tile_threshold)
     folder = resolve_model_path(path, download=download)
     if folder.is_file():
-        if folder.suffix.lower() != ".safetensors":
+        if folder.suffix.lower() not in (".safetensors", ".gguf"):
             if folder.suffix.lower() in PICKLE_SUFFIXES:
                 raise ModelFormatError(_pickle_message(folder))
-            raise ModelFormatError(f"{folder}: unsupported file type; expected a .safetensors checkpoint")
+            raise ModelFormatError(f"{folder}: unsupported file type; expected a .safetensors or .gguf checkpoint")
         pipe = load_single_file(folder, device, dtype, text_encoders_from)
     elif (folder / "model_index.json").is_file():
         stream_device = "cpu" if offload is not None else device
