@@ -321,6 +321,12 @@ def test_everyday_settings_in_view_and_ctrl_enter_generates(page):
     open_accordion(page, "t2i-settings")
     box = page.locator("#t2i-generate").bounding_box()
     assert box is not None and box["y"] + box["height"] <= 1000
+    open_tab(page, "Image → Image")
+    open_accordion(page, "i2i-settings")
+    box = page.locator("#i2i-generate").bounding_box()
+    assert box is not None and box["y"] + box["height"] <= 1000
+    page.screenshot(path=str(ARTIFACTS / "img2img.png"), full_page=True)
+    open_tab(page, "Text → Image")
     set_number(page, "t2i-steps", 2)
     page.locator("#t2i-prompt textarea").click()
     page.keyboard.press("Control+Enter")

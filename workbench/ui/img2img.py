@@ -148,21 +148,22 @@ def build(wb: Workbench) -> Img2ImgTab:
     """Build the tab inside the current ``gr.Tab`` and wire its events."""
     with gr.Row():
         with gr.Column(scale=1):
-            image = gr.Image(
-                label="Start image", type="pil", sources=["upload", "clipboard"], height=256, elem_id="i2i-image"
-            )
-            mask = gr.ImageEditor(
-                label="Inpainting mask (optional): paint over what to repaint",
-                type="pil",
-                image_mode="RGBA",
-                sources=(),
-                transforms=(),
-                layers=False,
-                brush=gr.Brush(colors=[("#ff00ff", 0.6)], color_mode="fixed"),
-                format="png",
-                height=256,
-                elem_id="i2i-mask",
-            )
+            with gr.Row():
+                image = gr.Image(
+                    label="Start image", type="pil", sources=["upload", "clipboard"], height=256, elem_id="i2i-image"
+                )
+                mask = gr.ImageEditor(
+                    label="Mask: paint to repaint",
+                    type="pil",
+                    image_mode="RGBA",
+                    sources=(),
+                    transforms=(),
+                    layers=False,
+                    brush=gr.Brush(colors=[("#ff00ff", 0.6)], color_mode="fixed"),
+                    format="png",
+                    height=256,
+                    elem_id="i2i-mask",
+                )
             with gr.Row():
                 paste_back = gr.Checkbox(True, label="Keep the unpainted pixels (paste the start image back)")
                 mask_blur = gr.Slider(0, 32, value=4, step=1, label="Mask blur (px)")
