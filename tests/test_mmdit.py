@@ -85,7 +85,7 @@ def test_attention_chunking_is_identical():
         full = model(latents, text, pooled, timestep)
         model.set_attention_chunk_size(5)
         chunked = model(latents, text, pooled, timestep)
-    assert torch.allclose(full, chunked, atol=1e-6)
+    assert (full - chunked).abs().max() <= 1e-6 * full.abs().max()  # float rounding of the attention kernel only
 
 
 def test_too_large_latent_names_the_limit():

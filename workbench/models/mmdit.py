@@ -411,7 +411,8 @@ class MMDiT(nn.Module):
             moe.recorder = record
 
     def set_attention_chunk_size(self, chunk_size: int | None) -> None:
-        """Compute attention in query chunks of this many tokens (``None``: in one piece); identical results."""
+        """Compute attention in query chunks of this many tokens (``None``: in one piece); the same results up to float
+        rounding (the attention kernel sums in another order)."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.chunk_size = chunk_size
