@@ -12,6 +12,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("workbench.models", "workbench.flow", "workbench.presets", "workbench.toyflow"),
     (
         "workbench.settings",
+        "workbench.limits",
         "workbench.metadata",
         "workbench.formats",
         "workbench.quantization",
