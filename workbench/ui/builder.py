@@ -2,6 +2,10 @@
 
 Tabs: Text → Image, Image → Image, Video frames, Experts, Flow, PNG info, Model. API endpoints (gradio_client):
 ``/text2img``, ``/img2img``, ``/frames`` and ``/png_info``; the streaming UI events are private.
+
+The hosting policy (:mod:`workbench.ui.hosting`) decides the Model tab (read-only in public mode, with no model
+events at all), the queue's size, the per-session job limit, Gradio's cache cleaning and the image pixel limit;
+:mod:`workbench.ui.guard` checks every event's inputs on the server.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from pathlib import Path
 import gradio as gr
 
 from workbench import Pipeline
-from workbench.ui import experts, flow_view, img2img, model_tab, pnginfo, text2img, video
+from workbench.limits import guard_image_pixels
+from workbench.ui import experts, flow_view, guard, img2img, model_tab, pnginfo, text2img, video
+from workbench.ui.hosting import HostingPolicy
 from workbench.ui.session import Workbench
 
 TITLE = "SD3 Workbench"
@@ -22,13 +28,24 @@ INTRO = (
 CONCURRENCY = 1
 
 
-def build_app(pipe_or_path: Pipeline | str | Path | None = None, output_dir: str | Path = "outputs") -> gr.Blocks:
+def build_app(
+    pipe_or_path: Pipeline | str | Path | None = None,
+    output_dir: str | Path = "outputs",
+    policy: HostingPolicy | None = None,
+) -> gr.Blocks:
     """The workbench app on ``pipe_or_path`` (a loaded Pipeline, a model path, or None for the embedded model).
-    PNGs are written under ``output_dir``. The returned Blocks is queued and carries the shared state as
-    ``demo.workbench``; launch it with ``demo.launch(...)``."""
-    wb = Workbench.create(pipe_or_path, output_dir)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    PNGs are written under ``output_dir``. ``policy`` (default: a private app on localhost) sets public mode and
+    the limits. The returned Blocks is queued and carries the shared state as ``demo.workbench``; launch it with
+    ``demo.launch(**launch_options(demo))``."""
+    policy = policy or HostingPolicy()
+    limits = policy.limits
+    guard_image_pixels(limits.max_image_pixels)
+    wb = Workbench.create(pipe_or_path, output_dir, policy)
+    cache = None if limits.output_max_age_s is None else (limits.cache_check_every_s, int(limits.output_max_age_s))
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=cache) as demo:
         gr.Markdown(INTRO)
+        if policy.public:
+            gr.Markdown(policy.model_note, elem_id="public-note")
         last_seed = gr.State(None)
         with gr.Tabs() as tabs:
             with gr.Tab("Text → Image", id="text2img"):
@@ -55,9 +72,17 @@ def build_app(pipe_or_path: Pipeline | str | Path | None = None, output_dir: str
                 updates.update(part.model_updates(wb.pipe, reset_values))
             return updates
 
-        model_tab.wire(model, wb, model_updates)
+        if model.changeable:
+            model_tab.wire(model, wb, model_updates)
 
         pnginfo.wire_send(info, lambda: wb.pipe, t2i.controls, experts_tab, tabs)
-    demo.queue(default_concurrency_limit=CONCURRENCY)
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=limits.queue_max_size)
+    guard.install(demo, limits)
     demo.workbench = wb
     return demo
+
+
+def launch_options(demo: gr.Blocks) -> dict:
+    """``demo.launch`` options that belong to its policy: the upload size limit and the outputs folder."""
+    wb: Workbench = demo.workbench
+    return {"max_file_size": wb.policy.limits.max_file_size, "allowed_paths": [str(wb.output_dir)]}

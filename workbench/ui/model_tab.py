@@ -1,6 +1,10 @@
 """Model tab: load the embedded model, a local diffusers folder or a single-file ``.safetensors`` checkpoint, with
-quantization and offload options, and attach LoRAs with a strength; wrong paths show the loader's message in the
-page."""
+quantization and offload options, and attach LoRAs with a strength.
+
+How depends on the hosting policy (:mod:`workbench.ui.hosting`): in public mode the tab only describes the shared
+model and has no events; an app reachable by others with model changes allowed picks models and LoRAs by name from
+the allowed folders; only a private app on localhost takes typed paths (wrong paths show the loader's message).
+"""
 
 from __future__ import annotations
 
@@ -15,43 +19,59 @@ from workbench.ui.session import MODEL_CONCURRENCY, Workbench, none_if_text_none
 
 @dataclass
 class ModelTab:
-    path: gr.Textbox
-    quantization: gr.Dropdown
-    offload: gr.Dropdown
-    load: gr.Button
     info: gr.Markdown
-    message: gr.Markdown
-    lora_path: gr.Textbox
-    lora_strength: gr.Slider
-    lora_attach: gr.Button
-    lora_remove: gr.Button
+    changeable: bool = False
+    path: gr.Textbox | gr.Dropdown | None = None
+    quantization: gr.Dropdown | None = None
+    offload: gr.Dropdown | None = None
+    load: gr.Button | None = None
+    message: gr.Markdown | None = None
+    lora_path: gr.Textbox | gr.Dropdown | None = None
+    lora_strength: gr.Slider | None = None
+    lora_attach: gr.Button | None = None
+    lora_remove: gr.Button | None = None
 
 
 def build(wb: Workbench) -> ModelTab:
-    """Build the tab inside the current ``gr.Tab``; :func:`wire` connects Load to the rest of the app."""
+    """Build the tab inside the current ``gr.Tab``; :func:`wire` connects Load to the rest of the app (only when
+    :attr:`ModelTab.changeable`)."""
+    policy = wb.policy
     info = gr.Markdown(wb.describe, elem_id="model-info")
-    path = gr.Textbox(
-        label="Model",
-        placeholder="empty = the embedded ShapesWorld model; or a diffusers folder / a .safetensors checkpoint",
-        elem_id="model-path",
-    )
+    gr.Markdown(policy.model_note, elem_id="model-note")
+    if not policy.model_changes:
+        return ModelTab(info)
+    if policy.free_paths:
+        path = gr.Textbox(
+            label="Model",
+            placeholder="empty = the embedded ShapesWorld model; or a diffusers folder / a .safetensors checkpoint",
+            elem_id="model-path",
+        )
+    else:
+        names = list(policy.catalog.models)
+        path = gr.Dropdown(names, value=names[0], label="Model (from the allowed folders)", elem_id="model-path")
     with gr.Row():
         quantization = gr.Dropdown([str(q) for q in QUANTIZATIONS], value="None", label="Quantization")
         offload = gr.Dropdown([str(o) for o in OFFLOADS], value="None", label="Offload")
         load = gr.Button("Load", variant="primary", elem_id="model-load")
     message = gr.Markdown("", elem_id="model-message")
     with gr.Row():
-        lora_path = gr.Textbox(
-            label="LoRA",
-            placeholder="a .safetensors LoRA (diffusers, PEFT or kohya format); the same file again sets its strength",
-            elem_id="lora-path",
-            scale=3,
-        )
+        if policy.free_paths:
+            lora_path = gr.Textbox(
+                label="LoRA",
+                placeholder="a .safetensors LoRA (diffusers, PEFT or kohya format); the same file again: new strength",
+                elem_id="lora-path",
+                scale=3,
+            )
+        else:
+            loras = list(policy.catalog.loras)
+            lora_path = gr.Dropdown(
+                loras, value=loras[0] if loras else None, label="LoRA (from the allowed folders)", elem_id="lora-path"
+            )
         lora_strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA strength", scale=2)
         lora_attach = gr.Button("Attach LoRA", elem_id="lora-attach", scale=1)
         lora_remove = gr.Button("Remove LoRAs", elem_id="lora-remove", scale=1)
     return ModelTab(
-        path, quantization, offload, load, info, message, lora_path, lora_strength, lora_attach, lora_remove
+        info, True, path, quantization, offload, load, message, lora_path, lora_strength, lora_attach, lora_remove
     )
 
 

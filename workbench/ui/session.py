@@ -9,10 +9,16 @@ decode or a linear map) while the run goes on.
 
 On a Hugging Face ZeroGPU Space, :data:`GPU` is ``spaces.GPU``; it may run a handler in a separate worker process,
 which the Stop button (a thread event of the main process) does not reach.
+
+Hosting (:mod:`workbench.ui.hosting`): :attr:`Workbench.policy` decides whether the model may change (public mode
+refuses here, on the server, whatever the page shows) and whether models and LoRAs are typed paths or names from
+the allowed folders. A cancelled API job sets the :data:`CANCEL` event of its context; a forward pre-hook on the
+transformer then ends the run at its next model call (:func:`cancel_hook`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -29,11 +35,16 @@ import torch
 from PIL import Image
 
 from workbench import GenerationCancelled, Pipeline, load_pipeline
+from workbench.limits import image_error_message, prune_outputs
 from workbench.metadata import save_png
+from workbench.ui.hosting import HostingPolicy, NotAllowedError
 
 LOG = logging.getLogger("workbench.ui")
 MODEL_CONCURRENCY = "model"
 PREVIEW_DECODE_MAX_SIDE = 256
+PRUNE_EVERY_S = 30.0
+CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("workbench_cancel", default=None)
+MODEL_CHANGES_OFF = "this is a public app: the model and its LoRAs cannot be changed here"
 
 try:
     import spaces
@@ -70,12 +81,27 @@ class Finished:
     result: Any
 
 
+def user_error(message: str, action: str = "request") -> gr.Error:
+    """A ``gr.Error`` for a user's mistake: logged as one line, no traceback in the server log."""
+    LOG.info("%s refused: %s", action, message.splitlines()[0] if message else "")
+    return gr.Error(message, print_exception=False)
+
+
+def cancel_hook(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of the transformer: GenerationCancelled once the :data:`CANCEL` event of the calling
+    context is set (a cancelled API job), so the run stops at its next model call."""
+    event = CANCEL.get()
+    if event is not None and event.is_set():
+        raise GenerationCancelled("cancelled by the client")
+
+
 @contextmanager
 def page_errors(action: str) -> Iterator[None]:
     """Turn exceptions into messages shown in the page (``gr.Error``); the app keeps serving.
 
-    ValueError (bad input, ModelFormatError) shows its own message; anything else is logged with its traceback and
-    shown as ``"<action> failed: <type>: <message>"``.
+    ValueError (bad input, ModelFormatError) and unreadable images show their own message and are logged as one line;
+    anything else is a bug: logged with its traceback and shown as ``"<action> failed: <type> …"`` without its text,
+    which may name server paths.
     """
     try:
         yield
@@ -84,10 +110,15 @@ def page_errors(action: str) -> Iterator[None]:
     except GenerationCancelled:
         raise
     except ValueError as err:
-        raise gr.Error(str(err)) from err
+        raise user_error(str(err), action) from err
     except Exception as err:
+        message = image_error_message(err)
+        if message is not None:
+            raise user_error(message, action) from err
         LOG.exception("%s failed", action)
-        raise gr.Error(f"{action} failed: {type(err).__name__}: {err}") from err
+        raise gr.Error(
+            f"{action} failed: {type(err).__name__} (an internal error; the details are in the server log)"
+        ) from err
 
 
 def preview_images(pipe: Pipeline, latents: torch.Tensor) -> Image.Image:
@@ -115,33 +146,86 @@ class Workbench:
     output_dir: Path
     device: str = "cpu"
     lock: threading.Lock = field(default_factory=threading.Lock)
+    policy: HostingPolicy = field(default_factory=HostingPolicy)
     _stops: dict[str, threading.Event] = field(default_factory=dict)
+    _pruned_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._watch_cancel(self.pipe)
 
     @classmethod
-    def create(cls, pipe_or_path: Pipeline | str | Path | None = None, output_dir: str | Path = "outputs") -> Workbench:
+    def create(
+        cls,
+        pipe_or_path: Pipeline | str | Path | None = None,
+        output_dir: str | Path = "outputs",
+        policy: HostingPolicy | None = None,
+    ) -> Workbench:
         device = default_device()
         pipe = pipe_or_path if isinstance(pipe_or_path, Pipeline) else load_pipeline(pipe_or_path, device=device)
-        return cls(pipe, Path(output_dir).resolve(), str(pipe.device))
+        return cls(pipe, Path(output_dir).resolve(), str(pipe.device), policy=policy or HostingPolicy())
+
+    @staticmethod
+    def _watch_cancel(pipe: Pipeline) -> None:
+        transformer = getattr(pipe, "transformer", None)
+        if isinstance(transformer, torch.nn.Module) and not getattr(transformer, "_workbench_cancel_hook", False):
+            transformer.register_forward_pre_hook(cancel_hook)
+            transformer._workbench_cancel_hook = True
 
     # ------------------------------------------------------------------------------------------------ model
 
+    def _check_changes(self) -> None:
+        if not self.policy.model_changes:
+            raise NotAllowedError(MODEL_CHANGES_OFF)
+
     def load(self, path: str | None, quantization: str | None = None, offload: str | None = None) -> Pipeline:
-        """Replace the pipeline with ``load_pipeline(path or embedded, …)``; the old one stays on any error."""
+        """Replace the pipeline with ``load_pipeline(path or embedded, …)``; the old one stays on any error. Refused
+        in public mode; ``path`` is a name from the allowed folders unless the policy takes free paths, and then a
+        failed load says only that the name could not be loaded (the reason goes to the server log)."""
+        self._check_changes()
         path = (path or "").strip() or None
-        with self.lock:
-            pipe = load_pipeline(path, device=self.device, quantization=quantization, offload=offload)
-            self.pipe = pipe
+        if self.policy.free_paths:
+            with self.lock:
+                pipe = load_pipeline(path, device=self.device, quantization=quantization, offload=offload)
+                self._watch_cancel(pipe)
+                self.pipe = pipe
+            return pipe
+        source = self.policy.catalog.model(path)
+        from workbench import memory
+
+        memory.check_options(quantization, offload)
+        try:
+            with self.lock:
+                pipe = load_pipeline(source, device=self.device, quantization=quantization, offload=offload)
+                self._watch_cancel(pipe)
+                self.pipe = pipe
+        except Exception as err:
+            LOG.warning("model %r could not be loaded: %s: %s", path, type(err).__name__, err)
+            raise ValueError(f"{path!r} could not be loaded as a model") from None
         return pipe
 
     def attach_lora(self, path: str, strength: float = 1.0) -> str:
-        """Attach a LoRA file to the pipeline (again with the same file: new strength); returns its name."""
+        """Attach a LoRA file to the pipeline (again with the same file: new strength); returns its name. Refused
+        in public mode; ``path`` is a name from the allowed LoRA folders unless the policy takes free paths."""
+        self._check_changes()
         path = (path or "").strip()
         if not path:
             raise ValueError("LoRA file: give the path of a .safetensors LoRA")
-        with self.lock:
-            return self.pipe.loras.load(path, strength=strength)
+        if self.policy.free_paths:
+            with self.lock:
+                return self.pipe.loras.load(path, strength=strength)
+        source = self.policy.catalog.lora(path)
+        if not isinstance(strength, (int, float)) or strength != strength or abs(strength) == float("inf"):
+            raise ValueError(f"LoRA strength must be a finite number, got {strength!r}")
+        try:
+            with self.lock:
+                return self.pipe.loras.load(source, strength=strength)
+        except Exception as err:
+            LOG.warning("LoRA %r could not be attached: %s: %s", path, type(err).__name__, err)
+            raise ValueError(f"{path!r} could not be attached as a LoRA to this model") from None
 
     def remove_loras(self) -> None:
+        """Remove every LoRA (refused in public mode)."""
+        self._check_changes()
         with self.lock:
             self.pipe.loras.remove()
 
@@ -228,6 +312,7 @@ class Workbench:
 
     def save(self, images: list[Image.Image], kind: str) -> list[str]:
         """Write each image as PNG with its ``parameters`` chunk under the outputs folder; returns the paths."""
+        self.prune()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         paths = []
         for image in images:
@@ -235,7 +320,16 @@ class Workbench:
             paths.append(str(save_png(image, self.output_dir / kind / name)))
         return paths
 
+    def prune(self, force: bool = False) -> int:
+        """Delete outputs past the policy's age and size limits (at most every :data:`PRUNE_EVERY_S` seconds)."""
+        limits, now = self.policy.limits, time.monotonic()
+        if not force and now - self._pruned_at < PRUNE_EVERY_S:
+            return 0
+        self._pruned_at = now
+        return prune_outputs(self.output_dir, limits.output_max_age_s, limits.output_max_bytes)
+
     def new_folder(self, kind: str) -> Path:
+        self.prune()
         folder = self.output_dir / kind / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         folder.mkdir(parents=True, exist_ok=True)
         return folder
