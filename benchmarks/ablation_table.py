@@ -43,14 +43,14 @@ def _sensitivity(text: str, edit: str) -> list[str]:
 
 
 def _speed(run: Path) -> tuple[str, str]:
+    """Images trained on and images/s, summed over the run's sessions (a resumed run logs one record each)."""
     log = run / "transformer_log.jsonl"
     if not log.is_file():
         return "0", "–"
-    for line in reversed(log.read_text().splitlines()):
-        record = json.loads(line)
-        if "run" in record:
-            return f"{record['run']['images']}", f"{record['run']['images_per_s']:.1f}"
-    return "?", "?"
+    runs = [json.loads(line)["run"] for line in log.read_text().splitlines() if line.startswith('{"run"')]
+    images = sum(r["images"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    return str(images), (f"{images / seconds:.1f}" if seconds else "–")
 
 
 def row(arm_dir: Path) -> list[str]:

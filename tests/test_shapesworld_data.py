@@ -1,4 +1,4 @@
-"""ShapesWorld dataset and pixel evaluator: the contract of SHAPESWORLD.md, checked on rendered pixels."""
+"""ShapesWorld dataset and pixel evaluator: the data contract of docs/design.md, checked on rendered pixels."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Reading ShapesWorld images back from their pixels, and scoring them against canonical captions.
 
-Follows SHAPESWORLD.md "What correct means":
+Follows the data contract's "What correct means" (docs/design.md, "ShapesWorld: the data contract"):
 - background: the palette background nearest the median colour of the one-pixel border;
 - objects: 8-connected regions of pixels whose nearest palette colour (backgrounds included) is an object colour and
   lies within ``COLOUR_THRESHOLD`` (RGB Euclidean). Anti-aliased edge pixels are farther than that from every palette

@@ -1,4 +1,4 @@
-"""ShapesWorld: procedural scenes of flat shapes and their captions (the data contract is SHAPESWORLD.md).
+"""ShapesWorld: procedural scenes of flat shapes and their captions (data contract: docs/design.md, ShapesWorld).
 
 Conventions:
 - A scene is H x W pixels (H, W in CANVAS_SIZES; 128 x 128 by default) with one flat background colour.
