@@ -83,7 +83,10 @@ def test_two_processes_equal_one_process_and_rerun_skips(tmp_path, model_path):
     assert sorted(p.name for p in (two / "images").iterdir()) == sorted(Path(r["file"]).name for r in rows)
     assert [r["id"] for r in rows] == [r["id"] for r in _rows(one)]
     for row in rows:
-        assert np.array_equal(_pixels(one / row["file"]), _pixels(two / row["file"])), row["name"]
+        # Same seeds and settings: equal up to float rounding, which may differ by one level between a plain process
+        # and one that torch.distributed started (seen on an AMD EPYC with AVX512-BF16).
+        difference = np.abs(_pixels(one / row["file"]).astype(int) - _pixels(two / row["file"]).astype(int))
+        assert difference.max() <= 1 and difference.mean() < 0.05, row["name"]
         params = read_parameters(two / row["file"])
         assert (params["seed"], params["guidance_scale"], params["steps"]) == (
             row["seed"],
