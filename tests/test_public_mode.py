@@ -327,7 +327,7 @@ numbers = st.one_of(
 )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     steps=st.one_of(st.integers(-1, 3), numbers),
     size=st.one_of(st.sampled_from([32, 48, 64]), numbers),

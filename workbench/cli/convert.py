@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from workbench.cli.paths import check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,11 +36,20 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.checkpoint)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: file not found")
-    state = torch.load(source, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch's notes on the pickle protocol are not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch wraps the unpickler's refusal in several types; the file is the user's
+        raise ValueError(
+            f"{source}: not a plain tensor checkpoint (the safe loader refused it: {type(err).__name__}); only "
+            "pickles of tensors and plain containers convert"
+        ) from None
     tensors = {k: v.contiguous().clone() for k, v in flatten_state(state).items()}
     if not tensors:
         raise ValueError(f"{source}: no tensors found")
     out = Path(args.out) if args.out else source.with_suffix(".safetensors")
+    check_output_file(out, "--out")
     save_file(tensors, str(out))
     print(f"{out} ({len(tensors)} tensors)")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from workbench.cli.common import add_model_arguments, add_sampling_arguments, load_from_args, sampling_kwargs
+from workbench.cli.paths import check_output_file, check_output_folder
 from workbench.frames import EASINGS, FPS_RANGE, MODES, VIDEO_SUFFIXES, format_consistency, make_frames
 
 DEFAULT_STRENGTH = 0.35
@@ -28,7 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strength", type=float, default=None, help=f"loopback strength (default {DEFAULT_STRENGTH})")
     parser.add_argument("--vary-seed", action="store_true", help="loopback: frame i uses seed + i")
     parser.add_argument("--easing", default="linear", choices=EASINGS)
-    parser.add_argument("--out-dir", default="frames", help="folder for 0000.png, 0001.png, …")
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="folder for 0000.png, 0001.png, … (default: next to --out, in a folder named after it; else ./frames)",
+    )
     parser.add_argument("--out", default=None, help="video file, .mp4 or .gif (default: OUT_DIR/video.mp4)")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
@@ -54,11 +59,22 @@ def _check_mode_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--out must end in one of {VIDEO_SUFFIXES}, got {args.out!r}")
 
 
+def output_paths(out: str | None, out_dir: str | None) -> tuple[Path, Path]:
+    """(folder of the PNG frames, video file): ``--out-dir`` and ``--out`` when given; the frames of
+    ``--out clips/walk.mp4`` alone go to ``clips/walk_frames/``; with neither, ``./frames`` and its ``video.mp4``."""
+    if out_dir is None:
+        out_dir = str(Path(out).with_name(Path(out).stem + "_frames")) if out else "frames"
+    video = Path(out) if out else Path(out_dir) / "video.mp4"
+    check_output_folder(out_dir, "--out-dir")
+    check_output_file(video, "--out")
+    return Path(out_dir), video
+
+
 def run(args: argparse.Namespace) -> int:
     _check_mode_options(args)
     prompts = [args.prompt, *args.via] + ([args.prompt_end] if args.prompt_end is not None else [])
     seed = [args.seed, args.seed + 1 if args.seed_end is None else args.seed_end] if args.mode == "walk" else args.seed
-    video = Path(args.out) if args.out else Path(args.out_dir) / "video.mp4"
+    out_dir, video = output_paths(args.out, args.out_dir)
     pipe = load_from_args(args)
     bar = tqdm(total=args.frames, desc=f"{args.mode} frames", unit="frame")
 
@@ -80,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    paths = sequence.save(args.out_dir, video, fps=args.fps)
-    print(f"{len(sequence.frames)} frames in {args.out_dir}; video {paths[-1]}")
+    paths = sequence.save(out_dir, video, fps=args.fps)
+    print(f"{len(sequence.frames)} frames in {out_dir}; video {paths[-1]}")
     print(f"consistency: {format_consistency(sequence.consistency)}")
     return 0

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 from workbench.cli.common import add_model_arguments, add_sampling_arguments, load_from_args, sampling_kwargs
+from workbench.cli.paths import check_output_file, check_output_folder
+from workbench.limits import open_image
 from workbench.metadata import save_png
 
 
@@ -45,7 +46,10 @@ def _step_bar(total: int | None, description: str):
 
 def run(args: argparse.Namespace) -> int:
     if args.prompts_file:
-        lines = Path(args.prompts_file).read_text().splitlines()
+        try:
+            lines = Path(args.prompts_file).read_text().splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--prompts-file {args.prompts_file} is not a text file") from err
         prompts = [line.strip() for line in lines if line.strip()]
         if not prompts:
             raise ValueError(f"--prompts-file {args.prompts_file} holds no non-empty line")
@@ -53,21 +57,28 @@ def run(args: argparse.Namespace) -> int:
         prompts = [args.prompt]
     if args.mask and not args.init_image:
         raise ValueError("--mask needs --init-image: inpainting repaints the white part of the mask in that image")
+    if args.mask_blur is not None and not args.mask:
+        raise ValueError("--mask-blur needs --mask: it feathers the paste-back of the kept pixels")
+    if args.prompts_file:
+        check_output_folder(args.out_dir, "--out-dir")
+    else:
+        check_output_file(args.out, "--out")
+    image = open_image(args.init_image, "--init-image").convert("RGB") if args.init_image else None
+    mask = open_image(args.mask, "--mask") if args.mask else None
     pipe = load_from_args(args)
     kwargs = sampling_kwargs(args)
-    image = Image.open(args.init_image).convert("RGB") if args.init_image else None
     if image is not None:
         kwargs.update(image=image, strength=args.strength)
-    if args.mask:
-        kwargs.update(mask_image=Image.open(args.mask), mask_blur=args.mask_blur)
-    elif args.mask_blur is not None:
-        raise ValueError("--mask-blur needs --mask: it feathers the paste-back of the kept pixels")
+    if mask is not None:
+        kwargs.update(mask_image=mask, mask_blur=args.mask_blur)
     steps = kwargs["num_inference_steps"] or pipe.defaults.num_inference_steps
     outputs = []
     for i, prompt in enumerate(tqdm(prompts, desc="images", disable=len(prompts) == 1)):
         bar, callback = _step_bar(steps, f"image {i + 1}/{len(prompts)}")
-        result = pipe(prompt, seed=args.seed + i, callback=callback, **kwargs)
-        bar.close()
+        try:
+            result = pipe(prompt, seed=args.seed + i, callback=callback, **kwargs)
+        finally:
+            bar.close()  # an error message then starts on its own line
         path = Path(args.out_dir) / f"{i:04d}.png" if args.prompts_file else Path(args.out)
         outputs.append(save_png(result.images[0], path))
     for path in outputs:
