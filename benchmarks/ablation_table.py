@@ -43,14 +43,16 @@ def _sensitivity(text: str, edit: str) -> list[str]:
 
 
 def _speed(run: Path) -> tuple[str, str]:
-    """Images trained on and images/s, summed over the run's sessions (a resumed run logs one record each)."""
-    log = run / "transformer_log.jsonl"
-    if not log.is_file():
+    """Images trained on (the run's last step × its batch size) and images/s over the sessions that logged a
+    summary (a run resumed after an interruption logs one per session)."""
+    log, meta = run / "transformer_log.jsonl", run / "transformer.json"
+    if not log.is_file() or not meta.is_file():
         return "0", "–"
+    state = json.loads(meta.read_text())
+    images = state["step"] * state["config"]["batch_size"]
     runs = [json.loads(line)["run"] for line in log.read_text().splitlines() if line.startswith('{"run"')]
-    images = sum(r["images"] for r in runs)
     seconds = sum(r["seconds"] for r in runs)
-    return str(images), (f"{images / seconds:.1f}" if seconds else "–")
+    return str(images), (f"{sum(r['images'] for r in runs) / seconds:.1f}" if seconds else "–")
 
 
 def row(arm_dir: Path) -> list[str]:
