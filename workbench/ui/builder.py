@@ -78,6 +78,8 @@ def build_app(
         pnginfo.wire_send(info, lambda: wb.pipe, t2i.controls, experts_tab, tabs)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=limits.queue_max_size)
     guard.install(demo, limits)
+    if policy.public:  # Gradio's own cache: by age through delete_cache, and by size with the outputs
+        wb.cache_dirs.append(Path(demo.GRADIO_CACHE))
     demo.workbench = wb
     return demo
 

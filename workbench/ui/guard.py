@@ -38,6 +38,8 @@ def install(demo: gr.Blocks, limits: Limits) -> None:
             block.preprocess = _numeric_preprocess(block)
         elif isinstance(block, (gr.Image, gr.ImageEditor)):
             block.preprocess = _image_preprocess(block)
+        elif isinstance(block, gr.components.Component):
+            block.preprocess = _quiet_preprocess(block)
     for block_fn in demo.fns.values():
         if block_fn.fn is not None and not getattr(block_fn.fn, "_workbench_guarded", False):
             block_fn.fn = guard_function(block_fn.fn, limits, block_fn.concurrency_id == MODEL_CONCURRENCY, demo)
@@ -73,6 +75,19 @@ def _numeric_preprocess(component: gr.components.Component) -> Callable:
             raise user_error(f"{label}: must be a number, got {type(payload).__name__}")
         if not math.isfinite(payload):
             raise user_error(f"{label}: must be a finite number, got {payload}")
+        try:
+            return original(payload)
+        except gr.Error as err:
+            raise user_error(f"{label}: {err.message}") from None
+
+    return preprocess
+
+
+def _quiet_preprocess(component: gr.components.Component) -> Callable:
+    """Gradio's own refusals (a value not among a dropdown's choices, …) as user errors: no traceback."""
+    original, label = component.preprocess, _label(component)
+
+    def preprocess(payload: Any) -> Any:
         try:
             return original(payload)
         except gr.Error as err:

@@ -147,6 +147,7 @@ class Workbench:
     device: str = "cpu"
     lock: threading.Lock = field(default_factory=threading.Lock)
     policy: HostingPolicy = field(default_factory=HostingPolicy)
+    cache_dirs: list[Path] = field(default_factory=list)
     _stops: dict[str, threading.Event] = field(default_factory=dict)
     _pruned_at: float = 0.0
 
@@ -321,12 +322,14 @@ class Workbench:
         return paths
 
     def prune(self, force: bool = False) -> int:
-        """Delete outputs past the policy's age and size limits (at most every :data:`PRUNE_EVERY_S` seconds)."""
+        """Delete outputs (and files in :attr:`cache_dirs`, such as Gradio's upload cache) past the policy's age and
+        size limits, each folder on its own; at most every :data:`PRUNE_EVERY_S` seconds. Returns the files deleted."""
         limits, now = self.policy.limits, time.monotonic()
         if not force and now - self._pruned_at < PRUNE_EVERY_S:
             return 0
         self._pruned_at = now
-        return prune_outputs(self.output_dir, limits.output_max_age_s, limits.output_max_bytes)
+        folders = [self.output_dir, *self.cache_dirs]
+        return sum(prune_outputs(f, limits.output_max_age_s, limits.output_max_bytes) for f in folders)
 
     def new_folder(self, kind: str) -> Path:
         self.prune()
