@@ -125,10 +125,17 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
 def _high_bits(qh: torch.Tensor) -> torch.Tensor:
-    """``(..., 4)`` bytes (a little-endian uint32) → ``(..., 32)`` uint8: bit j, for value j, times 16."""
-    shifts = torch.arange(8, device=qh.device, dtype=torch.uint8)
-    return ((qh[..., None] >> shifts) & 1).flatten(-2) << 4
+    """``(..., 4)`` bytes (a little-endian uint32) → ``(..., 32)`` uint8: bit j, for value j, times 16. A lookup of
+    each byte's 8 bits (several times faster on the CPU than shifting every byte 8 ways)."""
+    table = _BIT_TABLES.get(qh.device)
+    if table is None:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        table = _BIT_TABLES.setdefault(qh.device, (bits << 4).to(device=qh.device, dtype=torch.uint8))
+    return table.index_select(0, qh.reshape(-1).int()).reshape(*qh.shape[:-1], 32)
 
 
 def _scale(q: torch.Tensor, d: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
