@@ -195,7 +195,9 @@ class GGUFLinear(nn.Module):
     call; the bias (if any) is a float parameter. ``in_features`` / ``out_features`` are those of the
     ``nn.Linear`` it replaces (LoRA hooks read them)."""
 
-    def __init__(self, qweight: torch.Tensor, quant_type: int, shape: tuple[int, int], bias: torch.Tensor | None):
+    def __init__(
+        self, qweight: torch.Tensor, quant_type: int, shape: tuple[int, int], bias: torch.Tensor | None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = int(shape[0]), int(shape[1])
         self.quant_type = int(quant_type)
