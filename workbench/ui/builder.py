@@ -76,7 +76,8 @@ def build_app(
             model_tab.wire(model, wb, model_updates)
 
         pnginfo.wire_send(info, lambda: wb.pipe, t2i.controls, experts_tab, tabs)
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=limits.queue_max_size)
+    # api_open=False: queued events cannot be called directly (POST /gradio_api/run/…) past the queue's limits
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=limits.queue_max_size, api_open=not policy.public)
     guard.install(demo, limits)
     if policy.public:  # Gradio's own cache: by age through delete_cache, and by size with the outputs
         wb.cache_dirs.append(Path(demo.GRADIO_CACHE))
