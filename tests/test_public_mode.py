@@ -12,6 +12,7 @@ import struct
 import time
 import uuid
 import zlib
+from types import SimpleNamespace
 
 import gradio as gr
 import httpx
@@ -135,6 +136,34 @@ def test_public_mode_is_on_whenever_the_app_is_reachable():
     assert parse_auth("ann:pw,bob:x") == [("ann", "pw"), ("bob", "x")]
     with pytest.raises(ValueError, match="user:password"):
         parse_auth("nopassword")
+
+
+def test_app_command_line_launches_with_the_policy(monkeypatch, tmp_path):
+    import app
+
+    seen: dict = {}
+
+    def fake_build(model, output_dir, policy):
+        seen["policy"] = policy
+        wb = SimpleNamespace(policy=policy, output_dir=tmp_path)
+        return SimpleNamespace(workbench=wb, launch=lambda **options: seen.update(options))
+
+    monkeypatch.setattr(app, "build_app", fake_build)
+    for variable in (
+        "SPACE_ID",
+        "GRADIO_SERVER_NAME",
+        "WORKBENCH_PUBLIC",
+        "WORKBENCH_ALLOW_MODEL_CHANGES",
+        "WORKBENCH_AUTH",
+    ):
+        monkeypatch.delenv(variable, raising=False)
+    app.main(["--host", "0.0.0.0", "--auth", "ann:pw", "--outputs", str(tmp_path)])
+    assert seen["policy"].public and not seen["policy"].model_changes
+    assert seen["auth"] == [("ann", "pw")] and seen["max_file_size"] == 10 * MB
+    app.main(["--host", "0.0.0.0", "--allow-model-changes", "--lora-dir", str(tmp_path)])
+    assert seen["policy"].public and seen["policy"].model_changes and not seen["policy"].free_paths
+    app.main([])
+    assert not seen["policy"].public and seen["policy"].free_paths and seen["auth"] is None
 
 
 def test_public_app_has_no_model_events_and_says_the_model_is_shared(public):
