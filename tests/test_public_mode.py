@@ -5,6 +5,7 @@ request after all of it. Runs on the embedded model (or a micro model) at a few 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -25,6 +26,7 @@ from PIL import Image
 from test_app import PROMPT, app_model, first_image, free_port
 
 from workbench.limits import MB, Limits, check_work, prune_outputs
+from workbench.loading import EMBEDDED_MODEL
 from workbench.metadata import read_parameters
 from workbench.ui.builder import build_app, launch_options
 from workbench.ui.hosting import Catalog, HostingPolicy, NotAllowedError, parse_auth, resolve_policy
@@ -232,6 +234,20 @@ def test_allowed_folders_answer_without_revealing_files(public, tmp_path):
         with page_errors("LoRA"):
             wb.attach_lora("/tmp/gradio/0123/lora.safetensors", 1.0)
     assert wb.pipe.loras.describe() == []
+
+
+def test_opted_in_model_tab_loads_names_from_the_allowed_folders_only(tmp_path):
+    policy = public_policy(model_changes=True, catalog=Catalog.scan([tmp_path], [tmp_path]))
+    demo = build_app(app_model(), output_dir=tmp_path / "out", policy=policy)
+    load = next(fn.fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "load")
+    choices = next(c for c in demo.config["components"] if c["props"].get("elem_id") == "model-path")["props"]
+    assert [choice[0] for choice in choices["choices"]] == ["embedded (ShapesWorld)"]
+    refused = asyncio.run(load("/etc/shadow", "None", "None"))
+    assert list(refused.values()) == ["**Not loaded:** '/etc/shadow' is not an allowed model; choose one from the list"]
+    if (EMBEDDED_MODEL / "model_index.json").is_file():
+        before = demo.workbench.pipe
+        loaded = asyncio.run(load("embedded (ShapesWorld)", "None", "None"))
+        assert demo.workbench.pipe is not before and any("Loaded" in str(v) for v in loaded.values())
 
 
 # ------------------------------------------------------------------------------------------------------ limits
