@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "workbench"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("workbench.models", "workbench.flow", "workbench.presets", "workbench.toyflow"),
+    ("workbench.models", "workbench.flow", "workbench.presets", "workbench.toyflow", "workbench.step_cache"),
     (
         "workbench.settings",
         "workbench.limits",

@@ -12,12 +12,16 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from workbench.models.moe import FeedForward, MoEFeedForward, RoutingRecord
+
+if TYPE_CHECKING:
+    from workbench.step_cache import StepCache
 
 DENSE_CLASS_NAME = "SD3Transformer2DModel"
 MOE_CLASS_NAME = "WorkbenchMoESD3Transformer2DModel"
@@ -376,6 +380,7 @@ class MMDiT(nn.Module):
         self.norm_out = AdaLayerNormContinuous(dim)
         self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
         self.routing_record: RoutingRecord | None = None
+        self.step_cache: StepCache | None = None  # set by the pipeline for one generation (cache_threshold)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -439,9 +444,13 @@ class MMDiT(nn.Module):
         x = self.pos_embed(latents)
         cond = self.time_text_embed(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
-        for index, block in enumerate(self.transformer_blocks):
+        cache, tokens = (None if skip_layers else self.step_cache), x  # step caching: workbench.step_cache
+        reused = cache.reuse(x, lambda: self.transformer_blocks[0].norm1(x, cond)[0]) if cache is not None else None
+        for index, block in enumerate(self.transformer_blocks if reused is None else ()):
             if index not in skip_layers:
                 x, context = block(x, context, cond)
+        if cache is not None:
+            x = reused if reused is not None else cache.store(tokens, x)
         x = self.proj_out(self.norm_out(x, cond))
         h, w = height // p, width // p
         x = x.reshape(x.shape[0], h, w, p, p, self.config.out_channels)
