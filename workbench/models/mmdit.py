@@ -366,6 +366,13 @@ class JointTransformerBlock(nn.Module):
         return x, gated_residual(context, c_gate_mlp, ff_text)
 
 
+def control_block_index(block: int, num_blocks: int, num_controls: int) -> int:
+    """Which of ``num_controls`` ControlNet residuals transformer block ``block`` (of ``num_blocks``) receives:
+    diffusers' ``int(block / (num_blocks / num_controls))``, so a ControlNet with fewer layers spreads each residual
+    over consecutive blocks (12 residuals on 24 blocks: blocks 2k and 2k+1 get residual k)."""
+    return int(block / (num_blocks / num_controls))
+
+
 class MMDiT(nn.Module):
     """The SD3-family transformer: predicts the flow velocity ``v = noise − data`` for latents ``(B, C, H, W)``."""
 
@@ -434,9 +441,12 @@ class MMDiT(nn.Module):
         pooled_projections: torch.Tensor,
         timestep: torch.Tensor,
         skip_layers: Collection[int] = (),
+        block_controls: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Velocity ``(B, out_channels, H, W)`` for latents ``(B, in_channels, H, W)`` at ``timestep (B,)``; the
-        blocks whose indices are in ``skip_layers`` are bypassed (both streams pass through unchanged)."""
+        blocks whose indices are in ``skip_layers`` are bypassed (both streams pass through unchanged).
+        ``block_controls``: ControlNet residuals ``(B, N, dim)`` added to the image stream after each block but the
+        last (also after a skipped one), block i getting :func:`control_block_index` (diffusers' semantics)."""
         height, width = latents.shape[-2:]
         p = self.config.patch_size
         if self.routing_record is not None:
@@ -449,6 +459,8 @@ class MMDiT(nn.Module):
         for index, block in enumerate(self.transformer_blocks if reused is None else ()):
             if index not in skip_layers:
                 x, context = block(x, context, cond)
+            if block_controls and not block.context_pre_only:
+                x = x + block_controls[control_block_index(index, len(self.transformer_blocks), len(block_controls))]
         if cache is not None:
             x = reused if reused is not None else cache.store(tokens, x)
         x = self.proj_out(self.norm_out(x, cond))
