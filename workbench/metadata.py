@@ -51,6 +51,7 @@ KEY_ORDER = [
         "skip_layer_guidance_scale",
         "skip_layer_guidance_start",
         "skip_layer_guidance_stop",
+        "cache_threshold",
         "loras",
     )
 ]

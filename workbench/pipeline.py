@@ -24,6 +24,7 @@ from workbench.models.moe import RoutingRecord
 from workbench.models.text import TextConditioner
 from workbench.models.vae import AutoencoderKL
 from workbench.settings import BY_NAME, MAX_SEED, GenerationDefaults, GenerationSettings, parse_block_list
+from workbench.step_cache import StepCache
 
 __all__ = ["GenerationDefaults", "GenerationOutput", "Inputs", "MAX_SEED", "Pipeline", "parse_block_list"]
 
@@ -43,7 +44,9 @@ class Inputs:
 @dataclass
 class GenerationOutput:
     """``images`` (PIL, each with ``info["parameters"]``), final ``latents`` (B, C, h, w) scaled, the ``seeds`` used,
-    per-image ``parameters`` dicts, and the optional ``trajectory`` and ``routing`` records."""
+    per-image ``parameters`` dicts, and the optional ``trajectory`` and ``routing`` records. ``skipped_steps``: the
+    sampler evaluations (velocity calls) at which step caching reused the residual (``cache_threshold``);
+    ``transformer_evaluations``: the transformer forwards that ran the block stack, for the whole batch."""
 
     images: list[Image.Image]
     latents: torch.Tensor
@@ -51,6 +54,8 @@ class GenerationOutput:
     parameters: list[dict] = field(default_factory=list)
     trajectory: flow.Trajectory | None = None
     routing: RoutingRecord | None = None
+    skipped_steps: list[int] = field(default_factory=list)
+    transformer_evaluations: int = 0
 
 
 def _as_list(value: str | Sequence[str] | None, name: str) -> list[str]:
@@ -297,6 +302,7 @@ class Pipeline:
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
+        cache_threshold: float = 0.0,
     ) -> GenerationOutput:
         """Generate images.
 
@@ -365,6 +371,8 @@ class Pipeline:
         routing = RoutingRecord() if record_routing and self.num_experts else None
         self.transformer.record_routing(routing)
         trajectory = flow.Trajectory() if record_trajectory else None
+        cache = StepCache(s.cache_threshold, always=(float(sigmas[0]), float(sigmas[-2])))
+        self.transformer.step_cache = cache
         try:
             latents, clean, noise = self._start_latents(
                 seeds, s.height, s.width, inputs.image, sigmas, s.flow_temperature, inputs.initial_latents
@@ -373,7 +381,7 @@ class Pipeline:
             embeds, pooled = self._conditioning(
                 prompts, negatives, s.guidance_scale, s.max_sequence_length, inputs.prompt_embeds
             )
-            velocity = flow.cfg_velocity(self._model_fn(embeds, pooled, routing), guidance_rule)
+            velocity = cache.velocity(flow.cfg_velocity(self._model_fn(embeds, pooled, routing), guidance_rule))
             with torch.no_grad():
                 latents = flow.sample(
                     velocity, latents, sigmas, s.sampler, s.dynamic_thresholding_ratio, callback, trajectory,
@@ -384,6 +392,7 @@ class Pipeline:
                 pixel_mask = mask_to_tensor(inputs.mask_image, s.height, s.width)
                 images = paste_back(images, inputs.image, pixel_mask, s.mask_blur)
         finally:
+            self.transformer.step_cache = None
             self.transformer.record_routing(None)
             if self.num_experts:
                 self.transformer.set_routing(None, 1.0)
@@ -392,7 +401,9 @@ class Pipeline:
             params = image_parameters(s, prompts[i], negatives[i], seeds[i], self.name, inputs, mask, loras)
             img.info["parameters"] = format_parameters(params)
             parameters.append(params)
-        return GenerationOutput(images, latents, seeds, parameters, trajectory, routing)
+        return GenerationOutput(
+            images, latents, seeds, parameters, trajectory, routing, cache.skipped_steps, cache.computed
+        )
 
     def _size_of(self, image: object, height: int | None, width: int | None) -> tuple[int, int]:
         """``(height, width)``: the given ones, the missing ones from ``image``'s size rounded down to a multiple
@@ -578,6 +589,7 @@ def image_parameters(
         "max_sequence_length": s.max_sequence_length if s.max_sequence_length != 256 else None,
         "guidance_interval": list(s.guidance_interval) if s.guidance_interval != (0.0, 1.0) else None,
         "loras": loras,
+        "cache_threshold": s.cache_threshold or None,
         **_skip_layer_parameters(
             s.skip_guidance_layers, s.skip_layer_guidance_scale, s.skip_layer_guidance_start, s.skip_layer_guidance_stop
         ),

@@ -289,6 +289,9 @@ SETTINGS: tuple[Setting, ...] = (
             cli="--slg-start", sweep="skip_layer_start", app=True, png="SLG start"),
     Setting("skip_layer_guidance_stop", "float", 0.2, "… up to this fraction of the steps", 0, 1, cli="--slg-stop",
             sweep="skip_layer_stop", app=True, png="SLG stop"),
+    Setting("cache_threshold", "float", 0.0, "step caching (TeaCache-style, workbench.step_cache): reuse the last "
+            "transformer residual while the summed relative change of the first block's input stays below this; "
+            "0 = off", 0, 10, cli="--cache-threshold", sweep="cache_threshold", png="Cache threshold"),
 )  # fmt: skip
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 SKIP_LAYER_DEFAULTS = {
@@ -356,6 +359,7 @@ class GenerationSettings:
     skip_layer_guidance_scale: float = 2.8
     skip_layer_guidance_start: float = 0.01
     skip_layer_guidance_stop: float = 0.2
+    cache_threshold: float = 0.0
     _checked: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -107,16 +107,19 @@ def _eval(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         guidance_interval=args.guidance_interval,
         skip_guidance_layers=parse_block_list("--skip-layers", args.skip_layers) or None,
+        cache_threshold=args.cache_threshold,
     )
 
     routed = pipe.num_experts > 1
     top_k = pipe.transformer.moe_layers[0].top_k if routed else 0  # num_experts for soft routing
     shares: list[tuple[int, object]] = []
+    evaluations: list[int] = []  # transformer block-stack runs per generate call (step caching skips some)
 
     def generate(captions: list[str], seeds: list[int]):
         out = pipe(captions, seed=list(seeds), height=args.size, width=args.size, record_routing=routed, **settings)
         if routed:
             shares.append((len(captions), out.routing.token_share(top_k)))
+        evaluations.append(out.transformer_evaluations)
         return out.images
 
     start = time.perf_counter()
@@ -144,6 +147,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"\nshare of routed tokens per expert (top-{top_k}), over all steps and images:")
         for block, row in zip(blocks, total.tolist()):
             print(f"  block {block}: " + " / ".join(f"{100 * value:.1f} %" for value in row))
+    if evaluations:
+        print(f"\ntransformer evaluations per image: {sum(evaluations) / len(evaluations):.2f}")
     print(f"\n{args.n} fresh canonical captions ({args.kind}), seed {args.seed}, {seconds:.0f} s")
     return 0
 
@@ -261,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
     ev.add_argument("--skip-layers", default=None, help="skip-layer guidance blocks, e.g. 2,3")
+    ev.add_argument(
+        "--cache-threshold", type=float, default=0.0, help="step caching threshold (workbench.step_cache); 0 = off"
+    )
     ev.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="attach a LoRA; repeatable")
     ev.add_argument("--breakdown", action="store_true", help="also print where it fails (per shape, size, reason)")
     ev.add_argument("--records", default=None, help="write each caption's scores and reading to this JSONL file")

@@ -111,7 +111,7 @@ SETTING_DEFAULTS: dict[str, Any] = {
     if spec.default is not None and spec.default is not settings.MODEL_DEFAULT
 }
 """The fixed defaults (a missing key takes None: the model's default, or off)."""
-LATER_KEYS: dict[str, Any] = {"skip_layer_start": 0.01, "skip_layer_stop": 0.2}
+LATER_KEYS: dict[str, Any] = {"skip_layer_start": 0.01, "skip_layer_stop": 0.2, "cache_threshold": 0.0}
 """Setting keys added after the first sweeps, with their defaults; a cell at these defaults keeps its old id."""
 GENERAL_KEYS = (
     "model",
