@@ -3,9 +3,15 @@ against StableDiffusion3ControlNetPipeline on tiny random weights, and the singl
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 
+from workbench import ModelFormatError, load_pipeline
 from workbench.models.controlnet import ControlNetConfig, SD3ControlNet
 from workbench.models.mmdit import MMDiT, MMDiTConfig, control_block_index
 
@@ -76,3 +82,204 @@ def test_controlnet_config_refuses_a_mismatched_caption_width():
     config.caption_projection_dim = 16
     with pytest.raises(ValueError, match=r"caption_projection_dim \(16\).*\(32\)"):
         SD3ControlNet(config)
+
+
+# ------------------------------------------------------------------------------------------- pipeline parity
+
+
+PROMPT = "a red circle at the top left on a white background"
+NEGATIVE = "a blue square"
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _control_image(seed: int, size: tuple[int, int] = (48, 64)) -> Image.Image:
+    """A random RGB control image of ``size`` (width, height)."""
+    array = np.random.default_rng(seed).random((size[1], size[0], 3)) * 255
+    return Image.fromarray(array.astype(np.uint8))
+
+
+@pytest.fixture
+def posterior_mean(monkeypatch):
+    """diffusers draws the control latent from the VAE posterior with the unseeded global RNG; the workbench uses
+    the posterior mean. Make diffusers' draw the mean too, so that the two can be compared."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_sd3_folder):
+    return load_pipeline(tiny_sd3_folder[0])
+
+
+def _saved(controlnet, folder: Path) -> Path:
+    controlnet.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def _reference_pipe(tiny_sd3_folder, controlnet):
+    pipe = diffusers.StableDiffusion3ControlNetPipeline(**tiny_sd3_folder[1].components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _compare(ours, reference, **kwargs) -> tuple[Image.Image, int]:
+    """Run both pipelines with the same arguments; (our image, the largest pixel difference)."""
+    seed = kwargs.pop("seed")
+    scale = kwargs.pop("reference_scale", kwargs.get("controlnet_conditioning_scale", 1.0))
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "controlnet_conditioning_scale"}
+    expected = reference(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(seed),
+                         controlnet_conditioning_scale=scale, **ref_kwargs).images[0]  # fmt: skip
+    got = ours(PROMPT, negative_prompt=NEGATIVE, seed=seed, **kwargs).images[0]
+    assert got.size == expected.size
+    return got, int(np.abs(_pixels(got) - _pixels(expected)).max())
+
+
+BASE = dict(height=64, width=48, num_inference_steps=4, max_sequence_length=32)
+
+
+@pytest.mark.parametrize(
+    ("layout", "num_layers", "guidance", "window"),
+    [("sd3", 1, 4.5, (0.0, 1.0)), ("sd3", 2, 1.0, (0.0, 1.0)), ("sd35", 2, 4.5, (0.25, 0.75))],
+)
+def test_pipeline_equals_diffusers_controlnet_pipeline(
+    ours, tiny_sd3_folder, tmp_path, posterior_mean, layout, num_layers, guidance, window
+):
+    reference_cn = reference_controlnet(layout, num_layers, seed=3)
+    name = ours.controlnets.load(_saved(reference_cn, tmp_path / "cn"))
+    try:
+        reference = _reference_pipe(tiny_sd3_folder, reference_cn)
+        control = _control_image(1, size=(40, 56))  # resized to 48x64 by both
+        kwargs = dict(BASE, guidance_scale=guidance, control_image=control, controlnet_conditioning_scale=0.8,
+                      control_guidance_start=window[0], control_guidance_end=window[1])  # fmt: skip
+        got, difference = _compare(ours, reference, seed=7, **kwargs)
+        assert difference <= 2
+        plain = ours(PROMPT, negative_prompt=NEGATIVE, seed=7, guidance_scale=guidance, **BASE).images[0]
+        assert np.abs(_pixels(plain) - _pixels(got)).max() > 10  # the ControlNet changed the image
+        assert got.info["parameters"]  # metadata still written
+    finally:
+        ours.controlnets.remove(name)
+
+
+def test_two_controlnets_equal_diffusers_multi_controlnet(ours, tiny_sd3_folder, tmp_path, posterior_mean):
+    first, second = reference_controlnet("sd3", 1, seed=4), reference_controlnet("sd3", 2, seed=5)
+    ours.controlnets.load(_saved(first, tmp_path / "a"), scale=0.5)
+    ours.controlnets.load(_saved(second, tmp_path / "b"), scale=0.7)
+    try:
+        reference = _reference_pipe(tiny_sd3_folder, [first, second])
+        images = [_control_image(2), _control_image(3)]
+        _, difference = _compare(ours, reference, seed=5, guidance_scale=3.0, control_image=images,
+                                 reference_scale=[0.5, 0.7], **BASE)  # fmt: skip
+        assert difference <= 2
+        with pytest.raises(ValueError, match="control_image lists 3 images for 2 ControlNets"):
+            ours(PROMPT, seed=0, control_image=images + images[:1], **BASE)
+    finally:
+        ours.controlnets.clear()
+
+
+def test_image_to_image_and_inpainting_keep_working_with_a_controlnet(ours, tmp_path):
+    init = _control_image(6, size=(48, 64))
+    mask = Image.new("L", (48, 64), 0)
+    mask.paste(255, (8, 8, 40, 40))
+    kwargs = dict(BASE, guidance_scale=3.0, image=init, strength=0.7)
+    plain_i2i = ours(PROMPT, seed=2, **kwargs).images[0]
+    plain_inpaint = ours(PROMPT, seed=2, mask_image=mask, mask_blur=0, **kwargs).images[0]
+    ours.controlnets.load(_saved(reference_controlnet("sd3", 1, seed=6), tmp_path / "cn"))
+    try:
+        # attached but without a control image: nothing changes
+        assert np.array_equal(_pixels(ours(PROMPT, seed=2, **kwargs).images[0]), _pixels(plain_i2i))
+        control = _control_image(7)
+        i2i = ours(PROMPT, seed=2, control_image=control, **kwargs).images[0]
+        assert np.abs(_pixels(i2i) - _pixels(plain_i2i)).max() > 10
+        inpaint = ours(PROMPT, seed=2, mask_image=mask, mask_blur=0, control_image=control, **kwargs).images[0]
+        kept = np.asarray(mask) == 0
+        assert np.array_equal(_pixels(inpaint)[kept], _pixels(init)[kept])  # pasted back outside the mask
+        assert np.abs(_pixels(inpaint) - _pixels(plain_inpaint)).max() > 10
+    finally:
+        ours.controlnets.clear()
+
+
+def test_controlnet_errors_name_the_problem(ours, tmp_path):
+    with pytest.raises(ValueError, match=r"control_image needs a ControlNet: .*pipe.controlnets.load"):
+        ours(PROMPT, seed=0, control_image=_control_image(0), **BASE)
+    wide = reference_controlnet("sd3", 1, seed=0, num_attention_heads=8, caption_projection_dim=64)  # width 64 vs 32
+    with pytest.raises(ValueError, match=r"width is 8 heads × 8 = 64, the transformer's 4 × 8 = 32"):
+        ours.controlnets.load(_saved(wide, tmp_path / "wide"))
+    assert len(ours.controlnets) == 0
+    with pytest.raises(ValueError, match="control_guidance_start and control_guidance_end"):
+        ours(PROMPT, seed=0, control_guidance_start=0.6, control_guidance_end=0.4, **BASE)
+    with pytest.raises(ValueError, match=r"controlnet_conditioning_scale must be between 0 and 10"):
+        ours(PROMPT, seed=0, controlnet_conditioning_scale=-1.0, **BASE)
+    with pytest.raises(ModelFormatError, match="no such ControlNet"):
+        ours.controlnets.load(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------- Stability single files
+
+
+def _original_key_names(num_layers: int) -> set[str]:
+    """The key names of Stability's SD3.5 ControlNet files (stabilityai/stable-diffusion-3.5-controlnets,
+    e.g. sd3.5_large_controlnet_canny.safetensors), as diffusers' convert_sd3_controlnet_to_diffusers.py reads them."""
+    names = {"pos_embed_input.proj.weight", "pos_embed_input.proj.bias"}
+    for embedder in ("timestep_embedder", "text_embedder"):
+        for layer in ("linear_1", "linear_2"):
+            names |= {f"time_text_embed.{embedder}.{layer}.{kind}" for kind in ("weight", "bias")}
+    for i in range(num_layers):
+        names |= {f"controlnet_blocks.{i}.{kind}" for kind in ("weight", "bias")}
+        for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"):
+            names |= {f"transformer_blocks.{i}.{part}.{kind}" for kind in ("weight", "bias")}
+    return names
+
+
+def _to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' names → Stability's (the inverse of the conversion script): q, k, v fused into qkv."""
+    renames = {"attn.to_out.0": "attn.proj", "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2",
+               "norm1.linear": "adaLN_modulation.1"}  # fmt: skip
+    out = {}
+    for key, tensor in state.items():
+        if ".attn.to_k." in key or ".attn.to_v." in key:
+            continue
+        if ".attn.to_q." in key:
+            kind = key.rsplit(".", 1)[1]
+            prefix = key.split(".attn.")[0]
+            parts = [state[f"{prefix}.attn.to_{n}.{kind}"] for n in "qkv"]
+            out[f"{prefix}.attn.qkv.{kind}"] = torch.cat(parts)
+            continue
+        for new, old in renames.items():
+            key = key.replace(f".{new}.", f".{old}.")
+        out[key] = tensor
+    return out
+
+
+def test_stability_single_file_loads_and_equals_diffusers(ours, tiny_sd3_folder, tmp_path, posterior_mean):
+    # Single files do not store the head width: 64 (Stability's), or the whole width when 64 does not divide it.
+    reference_cn = reference_controlnet("sd35", 2, seed=8, num_attention_heads=1, attention_head_dim=32)
+    original = _to_original(reference_cn.state_dict())
+    assert set(original) == _original_key_names(2)
+    path = tmp_path / "sd3.5_tiny_controlnet_blur.safetensors"
+    save_file({k: v.contiguous() for k, v in original.items()}, str(path))
+    name = ours.controlnets.load(path, scale=0.9)
+    try:
+        assert name == "sd3.5_tiny_controlnet_blur"
+        model = ours.controlnets.entries[name].model
+        assert model.config.joint_attention_dim is None and not model.config.use_pos_embed
+        assert not model.config.force_zeros_for_pooled_projection
+        reference = _reference_pipe(tiny_sd3_folder, reference_cn)
+        got, difference = _compare(ours, reference, seed=9, guidance_scale=4.0, control_image=_control_image(4),
+                                   reference_scale=0.9, **BASE)  # fmt: skip
+        assert difference <= 2
+    finally:
+        ours.controlnets.clear()
+
+
+def test_single_file_with_unknown_keys_is_refused(ours, tmp_path):
+    state = _to_original(reference_controlnet("sd35", 1, seed=0, num_attention_heads=1, attention_head_dim=32)
+                         .state_dict())  # fmt: skip
+    state["transformer_blocks.0.attn.ln_q.weight"] = torch.ones(32)
+    path = tmp_path / "odd.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(ModelFormatError, match=r"unexpected keys .*attn.ln_q"):
+        ours.controlnets.load(path)

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("workbench.memory", "workbench.lora"),
     ("workbench.pipeline",),
-    ("workbench.loading", "workbench"),
+    ("workbench.loading", "workbench.controlnet", "workbench"),
     (
         "workbench.frames",
         "workbench.sweep",

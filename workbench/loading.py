@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from workbench import memory
+from workbench.controlnet import attach_all  # also registers the pipeline extension pipe.controlnets
 from workbench.formats.files import (
     PICKLE_SUFFIXES,
     ModelFormatError,
@@ -385,12 +386,15 @@ def load_pipeline(
     int8_backend: str = "auto",
     cpu_kernels: bool | None = None,
     vae_tile_threshold: int | None = None,
+    controlnet: str | Path | Sequence[str | Path] | None = None,
 ) -> Pipeline:
     """Load a model: ``None`` (the embedded ShapesWorld model), a diffusers folder, a Hugging Face repo id in the
     local cache, a single ``.safetensors`` checkpoint, or a ``.gguf`` transformer (ComfyUI-GGUF or
     stable-diffusion.cpp, kept quantized; VAE and text encoders from ``text_encoders_from``). ``quantization`` ∈
     {None, "int8", "nf4", "fp4"} (a diffusers folder's transformer is quantized while it is read); ``offload`` ∈
-    {None, "model", "sequential"}; the keyword options are those of :func:`workbench.memory.prepare`."""
+    {None, "model", "sequential"}; the keyword options are those of :func:`workbench.memory.prepare`.
+    ``controlnet``: one or several ControlNet folders or files (``PATH:SCALE`` allowed) attached to
+    ``pipe.controlnets`` (:mod:`workbench.controlnet`)."""
 
     memory.check_options(quantization, offload, attention_chunk_size, int8_backend, vae_tile_threshold)
     folder = resolve_model_path(path, download=download)
@@ -410,7 +414,7 @@ def load_pipeline(
             f"{folder}: not a model folder (no model_index.json); expected a diffusers-layout folder with "
             "model_index.json, transformer/, vae/, text_encoder*/ and tokenizer*/"
         )
-    return memory.prepare(
+    pipe = memory.prepare(
         pipe,
         device=device,
         quantization=quantization,
@@ -422,3 +426,6 @@ def load_pipeline(
         cpu_kernels=cpu_kernels,
         vae_tile_threshold=vae_tile_threshold,
     )
+    if controlnet is not None:
+        attach_all(pipe, controlnet)
+    return pipe

@@ -9,8 +9,9 @@ the image is repainted and black (0) where it is kept, as in diffusers.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,6 +40,22 @@ class Inputs:
     mask_image: Image.Image | np.ndarray | torch.Tensor | None = None
     initial_latents: torch.Tensor | None = None
     prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
+    control_image: object = None
+
+
+@dataclass
+class Conditioning:
+    """What a conditioning hook adds to one generation (``pipe.conditioning_hooks``; e.g. ControlNets,
+    :mod:`workbench.controlnet`): ``kwargs(x, embeds, pooled, timestep)`` gives extra keyword arguments of each
+    transformer evaluation (the arguments that evaluation gets: ``x (B, C, h, w)``, ``embeds (B, L, D)``, ``pooled
+    (B, P)``, ``timestep (B,)``), and ``parameters`` entries for the images' PNG metadata."""
+
+    kwargs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]
+    parameters: dict[str, object] = field(default_factory=dict)
+
+
+ConditioningHook = Callable[["GenerationSettings", Inputs, torch.Tensor], "Conditioning | None"]
+"""``hook(settings, inputs, sigmas)`` → a :class:`Conditioning` for this generation, or None (nothing to add)."""
 
 
 @dataclass
@@ -180,7 +197,13 @@ class Pipeline:
 
     Call it with a prompt to get images; see :meth:`__call__`. ``device`` and ``dtype`` are where the transformer
     computes; the sampler itself integrates in float32.
+
+    Extensions attach without the pipeline importing them: a module registers a factory in :attr:`extensions`
+    (``pipe.<name>`` is then built on first use, e.g. ``pipe.controlnets``) and may append hooks to
+    ``conditioning_hooks`` (see :data:`ConditioningHook`).
     """
+
+    extensions: ClassVar[dict[str, Callable[[Pipeline], object]]] = {}
 
     def __init__(
         self,
@@ -200,6 +223,16 @@ class Pipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         self.loras = LoRASet(self)
+        self.conditioning_hooks: list[ConditioningHook] = []
+
+    def __getattr__(self, name: str) -> object:
+        """A registered extension (:attr:`extensions`), built on first access and kept."""
+        factory = type(self).extensions.get(name)
+        if factory is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = factory(self)
+        setattr(self, name, value)
+        return value
 
     @property
     def num_experts(self) -> int:
@@ -303,6 +336,10 @@ class Pipeline:
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
         cache_threshold: float = 0.0,
+        control_image: object = None,
+        controlnet_conditioning_scale: float = 1.0,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
     ) -> GenerationOutput:
         """Generate images.
 
@@ -323,6 +360,10 @@ class Pipeline:
         the ``skip_layer_guidance_*`` arguments (scale; start and stop as fractions of the steps); it needs guidance.
         Raises ValueError naming the parameter for any invalid input and :class:`flow.GenerationCancelled` when
         the callback returns ``False``.
+        ``control_image`` (one image, or a list with one per ControlNet) conditions the ControlNets attached with
+        ``pipe.controlnets.load(path)`` (:mod:`workbench.controlnet`): scaled by ``controlnet_conditioning_scale``
+        and active for the steps between ``control_guidance_start`` and ``control_guidance_end`` (fractions of the
+        steps; diffusers' semantics).
         """
         given = {name: value for name, value in locals().items() if name in BY_NAME}  # the settings' arguments
         if image is not None and (height is None or width is None):
@@ -330,7 +371,7 @@ class Pipeline:
         given["negative_prompt"] = _as_list(negative_prompt, "negative_prompt")
         settings = GenerationSettings.resolve(self.defaults, **given)
         prompts = [p for p in _as_list(prompt, "prompt") for _ in range(settings.num_images)]
-        inputs = Inputs(image, mask_image, initial_latents, prompt_embeds)
+        inputs = Inputs(image, mask_image, initial_latents, prompt_embeds, control_image)
         return self.generate(prompts, settings, inputs, callback, record_trajectory, record_routing)
 
     def generate(
@@ -381,7 +422,9 @@ class Pipeline:
             embeds, pooled = self._conditioning(
                 prompts, negatives, s.guidance_scale, s.max_sequence_length, inputs.prompt_embeds
             )
-            velocity = cache.velocity(flow.cfg_velocity(self._model_fn(embeds, pooled, routing), guidance_rule))
+            conditionings = self._conditionings(s, inputs, sigmas)
+            model_fn = self._model_fn(embeds, pooled, routing, conditionings)
+            velocity = cache.velocity(flow.cfg_velocity(model_fn, guidance_rule))
             with torch.no_grad():
                 latents = flow.sample(
                     velocity, latents, sigmas, s.sampler, s.dynamic_thresholding_ratio, callback, trajectory,
@@ -399,6 +442,8 @@ class Pipeline:
         parameters, loras = [], self.loras.metadata()
         for i, img in enumerate(images):
             params = image_parameters(s, prompts[i], negatives[i], seeds[i], self.name, inputs, mask, loras)
+            for conditioning in conditionings:
+                params.update(conditioning.parameters)
             img.info["parameters"] = format_parameters(params)
             parameters.append(params)
         return GenerationOutput(
@@ -523,12 +568,31 @@ class Pipeline:
         neg_embeds, neg_pooled = self.encode_prompts(negatives, None, max_sequence_length)
         return torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
 
-    def _model_fn(self, embeds: torch.Tensor, pooled: torch.Tensor, routing: RoutingRecord | None):
+    def _conditionings(self, settings: GenerationSettings, inputs: Inputs, sigmas: torch.Tensor) -> list[Conditioning]:
+        """The conditioning hooks' contributions to this generation; ValueError for a ``control_image`` that none
+        of them takes."""
+        conditionings = [c for hook in self.conditioning_hooks if (c := hook(settings, inputs, sigmas)) is not None]
+        if inputs.control_image is not None and not conditionings:
+            raise ValueError("control_image needs a ControlNet: attach one with pipe.controlnets.load(path)")
+        return conditionings
+
+    def _model_fn(
+        self,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        routing: RoutingRecord | None,
+        conditionings: Sequence[Conditioning] = (),
+    ):
         """The transformer as :data:`flow.ModelFn`. The routing record's step is the model-evaluation index (the
         sampler step for euler and dpmpp_2m; two evaluations per step for heun); skip-layer passes are not recorded,
         and a positive-only pass (outside the guidance interval) runs the whole [negative; positive] batch while
         routing is recorded, so that every recorded step has the same batch."""
         step = {"n": 0}
+
+        def transformer(x: torch.Tensor, e: torch.Tensor, p: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+            for conditioning in conditionings:
+                kwargs.update(conditioning.kwargs(x, e, p, t))
+            return self.transformer(x, e, p, t, **kwargs)
 
         def model_fn(
             x: torch.Tensor, timestep: torch.Tensor, positive_only: bool = False, skip_layers: Sequence[int] = ()
@@ -538,7 +602,7 @@ class Pipeline:
                 self.transformer.record_routing(None)
                 try:
                     first = embeds.shape[0] - x.shape[0]
-                    out = self.transformer(x, embeds[first:], pooled[first:], timestep, skip_layers=skip_layers)
+                    out = transformer(x, embeds[first:], pooled[first:], timestep, skip_layers=skip_layers)
                     return out.float()
                 finally:
                     self.transformer.record_routing(routing)
@@ -547,9 +611,9 @@ class Pipeline:
                 step["n"] += 1
             first = embeds.shape[0] - x.shape[0] if positive_only else 0  # the positive rows come last
             if first and routing is not None:
-                both = self.transformer(torch.cat([x, x]), embeds, pooled, timestep.repeat(2)).float()
+                both = transformer(torch.cat([x, x]), embeds, pooled, timestep.repeat(2)).float()
                 return both[first:]
-            return self.transformer(x, embeds[first:], pooled[first:], timestep).float()
+            return transformer(x, embeds[first:], pooled[first:], timestep).float()
 
         return model_fn
 

@@ -292,6 +292,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache_threshold", "float", 0.0, "step caching (TeaCache-style, workbench.step_cache): reuse the last "
             "transformer residual while the summed relative change of the first block's input stays below this; "
             "0 = off", 0, 10, cli="--cache-threshold", sweep="cache_threshold", png="Cache threshold"),
+    Setting("controlnet_conditioning_scale", "float", 1.0, "ControlNet: scale of the residuals (times each "
+            "ControlNet's own scale)", 0, 10),
+    Setting("control_guidance_start", "float", 0.0, "ControlNet: active from this fraction of the steps", 0, 1),
+    Setting("control_guidance_end", "float", 1.0, "ControlNet: … up to this fraction of the steps", 0, 1),
 )  # fmt: skip
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 SKIP_LAYER_DEFAULTS = {
@@ -360,6 +364,9 @@ class GenerationSettings:
     skip_layer_guidance_start: float = 0.01
     skip_layer_guidance_stop: float = 0.2
     cache_threshold: float = 0.0
+    controlnet_conditioning_scale: float = 1.0
+    control_guidance_start: float = 0.0
+    control_guidance_end: float = 1.0
     _checked: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -382,6 +389,11 @@ class GenerationSettings:
             raise ValueError(
                 "skip_layer_guidance_start and skip_layer_guidance_stop must satisfy 0 <= start < stop <= 1, "
                 f"got start={self.skip_layer_guidance_start}, stop={self.skip_layer_guidance_stop}"
+            )
+        if not self.control_guidance_start < self.control_guidance_end:
+            raise ValueError(
+                "control_guidance_start and control_guidance_end must satisfy 0 <= start < end <= 1, "
+                f"got start={self.control_guidance_start}, end={self.control_guidance_end}"
             )
 
     @classmethod

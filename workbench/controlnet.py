@@ -1,0 +1,253 @@
+"""ControlNets attached to a pipeline: ``pipe.controlnets.load(path, scale)``, then ``pipe(…, control_image=…)``.
+
+The set registers itself as the pipeline extension ``controlnets`` and as a conditioning hook
+(:data:`workbench.pipeline.ConditioningHook`): for a call with a ``control_image`` it encodes that image with the VAE
+and, at every transformer evaluation, runs each ControlNet on the same latents, text and timestep, sums their
+residuals and hands them to ``MMDiT.forward`` (``block_controls``). The semantics are those of diffusers'
+``StableDiffusion3ControlNetPipeline``:
+
+* the control image is resized to the generation size (Lanczos, as diffusers' image processor does) whatever its
+  own size, encoded by the VAE and scaled by ``scaling_factor``; the shift factor is subtracted only for
+  ControlNets without ``force_zeros_for_pooled_projection`` (InstantX's SD3 ControlNets were trained without it);
+* ControlNets with ``force_zeros_for_pooled_projection`` get zero pooled text; image-only ones (SD3.5 Large) get no
+  text and embed the latents with the transformer's ``pos_embed``;
+* the residuals are multiplied by ``controlnet_conditioning_scale`` × the ControlNet's own scale and applied at step
+  i of N only when ``start <= i/N`` and ``(i+1)/N <= end`` (``control_guidance_start`` / ``_end``).
+
+One deliberate difference: diffusers draws the control latent from the VAE posterior with the unseeded global RNG;
+here it is the posterior mean, so that a seed reproduces the image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workbench.formats.controlnet import read_controlnet
+from workbench.formats.files import ModelFormatError
+from workbench.models.controlnet import ControlNetConfig, SD3ControlNet, sum_controls
+from workbench.models.mmdit import sincos_2d_table
+from workbench.pipeline import Conditioning, Inputs, Pipeline, image_to_tensor
+from workbench.settings import GenerationSettings
+
+__all__ = ["ControlNetEntry", "ControlNetSet", "build_controlnet", "check_compatible", "file_sha256"]
+
+
+@dataclass
+class ControlNetEntry:
+    """One attached ControlNet: its ``name``, ``model``, own ``scale`` (multiplied by the call's
+    ``controlnet_conditioning_scale``), ``source`` path, file ``sha256`` and the ``preprocessor`` that made its
+    control images (for the PNG metadata; set by the CLI and the app)."""
+
+    name: str
+    model: SD3ControlNet
+    scale: float = 1.0
+    source: str = ""
+    sha256: str | None = None
+    preprocessor: str | None = None
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_controlnet(config: ControlNetConfig, state: dict[str, torch.Tensor], source: str) -> SD3ControlNet:
+    """An :class:`SD3ControlNet` holding ``state`` (strict key match; the position table is rebuilt when absent)."""
+    with torch.device("meta"):
+        model = SD3ControlNet(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state) - {"pos_embed.pos_embed"})
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{source}: weights do not match the ControlNet config "
+            f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})"
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.pos_embed is not None and model.pos_embed.pos_embed.is_meta:
+        block = config.block_config()
+        table = sincos_2d_table(block.inner_dim, block.pos_embed_max_size, block.sample_size // block.patch_size)
+        model.pos_embed.pos_embed = table.unsqueeze(0)
+    return model.eval().requires_grad_(False)
+
+
+def check_compatible(model: SD3ControlNet, pipe: Pipeline, name: str) -> None:
+    """ValueError naming both shapes unless the ControlNet's width (and, for one that uses the transformer's
+    ``pos_embed``, its patch size and channels) match the transformer's."""
+    c, t = model.config, pipe.transformer.config
+    if c.inner_dim != t.inner_dim:
+        raise ValueError(
+            f"ControlNet {name!r} does not fit this transformer: its width is {c.num_attention_heads} heads × "
+            f"{c.attention_head_dim} = {c.inner_dim}, the transformer's {t.num_attention_heads} × "
+            f"{t.attention_head_dim} = {t.inner_dim}"
+        )
+    if (c.patch_size, c.in_channels) != (t.patch_size, t.in_channels):
+        raise ValueError(
+            f"ControlNet {name!r} does not fit this transformer: patch size {c.patch_size} on {c.in_channels} latent "
+            f"channels, the transformer's patch size {t.patch_size} on {t.in_channels}"
+        )
+    if c.extra_conditioning_channels:
+        raise ValueError(
+            f"ControlNet {name!r} takes {c.extra_conditioning_channels} extra conditioning channel(s) (an inpainting "
+            "ControlNet's mask); only ControlNets on the control image's latents alone are supported"
+        )
+
+
+class ControlNetSet:
+    """The ControlNets of one pipeline, applied in the order attached (``pipe.controlnets``)."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+        self.entries: dict[str, ControlNetEntry] = {}
+        pipe.conditioning_hooks.append(self.conditioning)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[ControlNetEntry]:
+        return iter(self.entries.values())
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def load(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Attach the ControlNet of a diffusers folder (or a pipeline folder's ``controlnet/``) or a single
+        ``.safetensors`` file (diffusers' names or Stability's); returns its name (the folder's or file's stem
+        unless ``name`` is given). Loading a name again replaces it."""
+        config, state, weights = read_controlnet(path, dtype=self.pipe.dtype)
+        source = str(path)
+        model = build_controlnet(config, state, source)
+        files = [weights] if weights.is_file() else sorted(weights.glob("*.safetensors"))
+        digest = file_sha256(files[0]) if len(files) == 1 else None
+        stem = Path(path).name if Path(path).is_dir() else Path(path).stem
+        return self.attach(model, name or stem, scale, source, digest)
+
+    def attach(
+        self, model: SD3ControlNet, name: str, scale: float = 1.0, source: str = "", sha256: str | None = None
+    ) -> str:
+        """Attach a built :class:`SD3ControlNet` (moved to the pipeline's device and dtype) under ``name``."""
+        check_compatible(model, self.pipe, name)
+        model = model.to(self.pipe.device, self.pipe.dtype)
+        self.entries[name] = ControlNetEntry(name, model, _check_scale(scale), source, sha256)
+        return name
+
+    def set_scale(self, name: str, scale: float) -> None:
+        self._entry(name).scale = _check_scale(scale)
+
+    def remove(self, name: str) -> None:
+        self._entry(name)
+        del self.entries[name]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def _entry(self, name: str) -> ControlNetEntry:
+        if name not in self.entries:
+            raise KeyError(f"no ControlNet named {name!r}; attached: {self.names}")
+        return self.entries[name]
+
+    def metadata(self, settings: GenerationSettings) -> dict[str, object]:
+        """The PNG ``parameters`` entries: per ControlNet ``name:scale:sha256[:10]`` and preprocessor, and the
+        call's scale, start and end."""
+        items = []
+        for entry in self:
+            digest = f":{entry.sha256[:10]}" if entry.sha256 else ""
+            items.append(f"{entry.name}:{entry.scale:g}{digest}")
+        preprocessors = [entry.preprocessor or "none" for entry in self]
+        return {
+            "controlnets": ", ".join(items),
+            "controlnet_preprocessors": ", ".join(preprocessors) if any(e.preprocessor for e in self) else None,
+            "controlnet_conditioning_scale": settings.controlnet_conditioning_scale,
+            "control_guidance_start": settings.control_guidance_start or None,
+            "control_guidance_end": settings.control_guidance_end if settings.control_guidance_end != 1.0 else None,
+        }
+
+    def control_latents(self, image: object, entry: ControlNetEntry, height: int, width: int) -> torch.Tensor:
+        """The control image as ControlNet input ``(1, C, height/8, width/8)``: resized to the generation size,
+        encoded (posterior mean) and scaled as diffusers does for this ControlNet (shift only without
+        ``force_zeros_for_pooled_projection``)."""
+        pixels = image_to_tensor(image, height, width)
+        with torch.no_grad():
+            z = self.pipe.encode_image(pixels).mode().float()
+        vae = self.pipe.vae.config
+        shift = 0.0 if entry.model.config.force_zeros_for_pooled_projection else (vae.shift_factor or 0.0)
+        return ((z - shift) * vae.scaling_factor).to(self.pipe.device, self.pipe.dtype)
+
+    def conditioning(self, settings: GenerationSettings, inputs: Inputs, sigmas: torch.Tensor) -> Conditioning | None:
+        """The conditioning hook: None without ControlNets or without a ``control_image``."""
+        if not self.entries or inputs.control_image is None:
+            return None
+        entries = list(self)
+        images = inputs.control_image
+        images = list(images) if isinstance(images, (list, tuple)) else [images] * len(entries)
+        if len(images) != len(entries):
+            raise ValueError(
+                f"control_image lists {len(images)} images for {len(entries)} ControlNets ({', '.join(self.names)})"
+            )
+        s = settings
+        latents = [self.control_latents(img, e, s.height, s.width) for img, e in zip(images, entries)]
+        steps = len(sigmas) - 1
+        step_timesteps = torch.tensor([float(sigma) * 1000.0 for sigma in sigmas[:-1]])
+        start, end, scale = s.control_guidance_start, s.control_guidance_end, s.controlnet_conditioning_scale
+        transformer = self.pipe.transformer
+
+        def kwargs(x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor) -> dict:
+            step = int((step_timesteps - float(timestep.reshape(-1)[0])).abs().argmin())
+            if step / steps < start or (step + 1) / steps > end:
+                return {}
+            controls = []
+            for entry, control in zip(entries, latents):
+                config = entry.model.config
+                controls.append(
+                    entry.model(
+                        x,
+                        control.expand(x.shape[0], -1, -1, -1).to(x.dtype),
+                        embeds if config.joint_attention_dim is not None else None,
+                        torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
+                        timestep,
+                        entry.scale * scale,
+                        pos_embed=transformer.pos_embed,
+                    )
+                )
+            return {"block_controls": sum_controls(controls)}
+
+        return Conditioning(kwargs, self.metadata(settings))
+
+
+def _check_scale(scale: float) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 10:
+        raise ValueError(f"ControlNet scale must be a number in [0, 10], got {scale!r}")
+    return float(scale)
+
+
+def parse_controlnet_arg(text: str) -> tuple[str, float]:
+    """``"PATH[:SCALE]"`` → ``(path, scale)`` (the CLI's ``--controlnet``); a colon not followed by a number
+    belongs to the path."""
+    path, _, tail = text.rpartition(":")
+    if path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def attach_all(pipe: Pipeline, controlnets: str | Path | Sequence[str | Path]) -> None:
+    """Load ``controlnets`` (one path or several; ``PATH:SCALE`` allowed) into ``pipe.controlnets``."""
+    items = [controlnets] if isinstance(controlnets, (str, Path)) else list(controlnets)
+    for item in items:
+        path, scale = parse_controlnet_arg(str(item))
+        pipe.controlnets.load(path, scale)
+
+
+Pipeline.extensions["controlnets"] = ControlNetSet
