@@ -120,3 +120,14 @@ def test_the_command_line_and_sweep_take_the_setting(tmp_path):
     assert parser.parse_args(["--cache-threshold", "0.2"]).cache_threshold == 0.2
     config = sweep.parse_config({"output_dir": str(tmp_path), "prompts": ["a red circle"], "cache_threshold": [0, 0.2]})
     assert sorted(cell.settings["cache_threshold"] for cell in sweep.expand(config)) == [0, 0.2]
+
+
+def test_the_flow_tab_lists_the_skipped_steps(pipe):
+    pytest.importorskip("gradio")
+    from workbench.ui.flow_view import cache_line
+
+    out = _run(pipe, cache_threshold=0.3)
+    line = cache_line(out, 0.3)
+    assert f"skipped steps {', '.join(map(str, out.skipped_steps))};" in line
+    assert f"{STEPS - len(out.skipped_steps)} transformer evaluations" in line
+    assert cache_line(_run(pipe), 0.0) == ""

@@ -1,6 +1,7 @@
 """Flow tab: the trajectory of one generation (``record_trajectory``): the predicted clean image x̂0 at each step and
-the straightness of the path (S value and per-step plot), drawn by :mod:`workbench.viz`. The tab has its own steps;
-the prompt and the other settings come from Text → Image, and the tab says which."""
+the straightness of the path (S value and per-step plot), drawn by :mod:`workbench.viz`. The tab has its own steps
+and step-cache threshold (``cache_threshold``, :mod:`workbench.step_cache`; the steps it skipped are listed under
+S); the prompt and the other settings come from Text → Image, and the tab says which."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from workbench import GenerationCancelled
+from workbench.pipeline import GenerationOutput
 from workbench.ui.controls import SamplingControls, SamplingValues, sampling_parameters
 from workbench.ui.experts import resolve_seed
 from workbench.ui.live import LivePreview, ProgressLine, progress_html
@@ -25,8 +27,9 @@ EXPLANATION = (
     "start noise to final latent: 0 = straight. The strip shows the predicted clean image x̂0 = x − σ·v per step."
 )
 BORROWED = (
-    "Steps are this tab's own. The prompt, negative prompt, guidance, size, sampler, shift, guidance interval and "
-    "skip-layer settings come from **Text → Image**; its seed too (−1 there: the last seed used)."
+    "Steps and the step-cache threshold are this tab's own. The prompt, negative prompt, guidance, size, sampler, "
+    "shift, guidance interval and skip-layer settings come from **Text → Image**; its seed too (−1 there: the last "
+    "seed used)."
 )
 
 
@@ -50,6 +53,17 @@ def settings_line(prompt: str, kwargs: dict, seed: int) -> str:
     )
 
 
+def cache_line(out: GenerationOutput, threshold: float) -> str:
+    """Which sampler evaluations step caching skipped (reusing the last residual), for the page; empty when off."""
+    if threshold <= 0:
+        return ""
+    skipped = ", ".join(str(i) for i in out.skipped_steps) or "none"
+    return (
+        f"Step caching (threshold {threshold:g}): skipped steps {skipped}; "
+        f"{out.transformer_evaluations} transformer evaluations."
+    )
+
+
 def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> FlowTab:
     """Build the tab inside the current ``gr.Tab`` and wire its events; ``t2i`` supplies prompt and settings."""
     gr.Markdown(EXPLANATION)
@@ -59,6 +73,9 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> FlowTab:
             2, 150, value=wb.pipe.defaults.num_inference_steps, step=1, label="Steps", elem_id="flow-steps"
         )
         max_frames = gr.Slider(2, 24, value=10, step=1, label="Steps shown in the strip")
+        cache_threshold = gr.Slider(
+            0, 1, value=0, step=0.01, label="Step-cache threshold (0 = off)", elem_id="flow-cache-threshold"
+        )
         generate = gr.Button("Trace a generation", variant="primary", elem_id="flow-generate")
         stop = stop_button("flow-stop")
     status = gr.HTML("", elem_id="flow-status")
@@ -88,16 +105,18 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> FlowTab:
         previous_seed: int | None,
         flow_steps: int,
         frames: int,
+        cache: float,
     ) -> Iterator[dict]:
-        yield from with_messages(status, trace(request, prompt, settings, previous_seed, flow_steps, frames))
+        yield from with_messages(status, trace(request, prompt, settings, previous_seed, flow_steps, frames, cache))
 
-    def trace(request, prompt, settings, previous_seed, flow_steps, frames) -> Iterator[dict]:
+    def trace(request, prompt, settings, previous_seed, flow_steps, frames, cache) -> Iterator[dict]:
         from workbench.viz import straightness_plot, trajectory_strip
 
         with page_errors("Flow"):
             seed = resolve_seed(settings.seed, previous_seed)
             kwargs = settings.kwargs(seed=seed, batch_count=1, steps=flow_steps)
             kwargs["record_trajectory"] = True
+            kwargs["cache_threshold"] = float(cache)
             total = kwargs["num_inference_steps"]
             live, line = LivePreview(wb.pipe), ProgressLine(total)
             yield {status: progress_html(0, "Starting…")}
@@ -120,7 +139,8 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> FlowTab:
                     yield {
                         image: result["path"],
                         strip: strip_image,
-                        straightness: f"### S = {value:.4g}\n{settings_line(prompt, kwargs, result['seed'])}",
+                        straightness: f"### S = {value:.4g}\n{settings_line(prompt, kwargs, result['seed'])}\n\n"
+                        + cache_line(out, float(cache)),
                         plot: straightness_plot(out.trajectory),
                         last_seed: result["seed"],
                         status: message_html("Done.", "info"),
@@ -135,7 +155,7 @@ def build(wb: Workbench, t2i: SamplingControls, last_seed: gr.State) -> FlowTab:
         stop,
         status,
         run,
-        [*t2i.inputs(), last_seed, steps, max_frames],
+        [*t2i.inputs(), last_seed, steps, max_frames, cache_threshold],
         [image, strip, straightness, plot, last_seed, status],
     )
     return FlowTab(steps, generate, image, strip, straightness, plot, status)
