@@ -12,8 +12,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from workbench import ModelFormatError, load_pipeline
+from workbench.__main__ import main
+from workbench.controlnet import file_sha256
+from workbench.metadata import parse_parameters, read_parameters
 from workbench.models.controlnet import ControlNetConfig, SD3ControlNet
 from workbench.models.mmdit import MMDiT, MMDiTConfig, control_block_index
+from workbench.preprocess import preprocess
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -283,3 +287,56 @@ def test_single_file_with_unknown_keys_is_refused(ours, tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     with pytest.raises(ModelFormatError, match=r"unexpected keys .*attn.ln_q"):
         ours.controlnets.load(path)
+
+
+# --------------------------------------------------------------------------- preprocessors, CLI, PNG parameters
+
+
+def _square(size: int = 32) -> Image.Image:
+    """A white square (px 8–23) on black."""
+    array = np.zeros((size, size, 3), dtype=np.uint8)
+    array[8:24, 8:24] = 255
+    return Image.fromarray(array)
+
+
+def test_preprocessors():
+    edges = np.asarray(preprocess(_square(), "canny"))
+    assert edges.shape == (32, 32, 3) and set(np.unique(edges)) == {0, 255}
+    assert edges[8:24, 7:9].any() and not edges[12:20, 12:20].any() and not edges[:4].any()  # the border only
+    half = np.zeros((64, 64, 3), dtype=np.uint8)
+    half[:, :32] = 255  # white left half
+    blurred = np.asarray(preprocess(Image.fromarray(half), "blur"), dtype=np.int16)
+    assert 60 < blurred[32, 32, 0] < 195 and blurred[32, 2, 0] > 250 and blurred[32, 61, 0] < 5  # edge softened
+    assert np.array_equal(np.asarray(preprocess(_square().convert("L"), "none")), np.asarray(_square()))
+    assert preprocess(_square(), None).mode == "RGB"
+    with pytest.raises(ValueError, match="preprocessor must be one of canny, blur, none"):
+        preprocess(_square(), "depth")
+
+
+def test_cli_generate_with_a_controlnet_and_its_png_parameters(ours, tiny_sd3_folder, tmp_path, capsys):
+    folder = _saved(reference_controlnet("sd3", 1, seed=9), tmp_path / "edges")
+    _square(64).save(tmp_path / "control.png")
+    out = tmp_path / "out.png"
+    args = ["generate", "--model", str(tiny_sd3_folder[0]), "--prompt", PROMPT, "--steps", "3", "--seed", "4",
+            "--height", "64", "--width", "48", "--max-sequence-length", "32", "--guidance", "3"]  # fmt: skip
+    control = ["--control", str(tmp_path / "control.png"), "--controlnet", f"{folder}:0.6", "--preprocess", "canny"]
+    assert main(args + control + ["--control-end", "0.7", "--out", str(out)]) == 0
+    params = read_parameters(out)
+    digest = file_sha256(folder / "diffusion_pytorch_model.safetensors")[:10]
+    assert params["controlnets"] == f"edges:0.6:{digest}"
+    assert params["controlnet_preprocessors"] == "canny" and params["control_guidance_end"] == 0.7
+    assert params["controlnet_conditioning_scale"] == 1.0
+    # the same image from the Python API
+    ours.controlnets.load(folder, scale=0.6)
+    try:
+        canny_image = preprocess(Image.open(tmp_path / "control.png"), "canny")
+        size = {k: BASE[k] for k in ("height", "width", "max_sequence_length")}
+        same = ours(PROMPT, seed=4, num_inference_steps=3, guidance_scale=3.0, control_image=canny_image,
+                    control_guidance_end=0.7, **size)  # fmt: skip
+        assert np.array_equal(_pixels(same.images[0]), _pixels(Image.open(out).convert("RGB")))
+        assert parse_parameters(same.images[0].info["parameters"])["controlnets"] == f"edges:0.6:{digest}"
+    finally:
+        ours.controlnets.clear()
+    assert main(args + control[:2] + ["--out", str(tmp_path / "x.png")]) == 2
+    assert "--control and --controlnet go together" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -12,6 +12,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("workbench.models", "workbench.flow", "workbench.presets", "workbench.toyflow", "workbench.step_cache"),
     (
         "workbench.settings",
+        "workbench.preprocess",
         "workbench.limits",
         "workbench.metadata",
         "workbench.formats",

@@ -27,6 +27,7 @@ PARAMETER_KEYS = {"num_inference_steps": "steps"}
 _SETTING_BY_KEY = {PARAMETER_KEYS.get(s.name, s.name): s for s in SETTINGS if s.png}
 _OTHER_LABELS = {"size": "Size", "model": "Model", "mask_size": "Mask size", "mask_coverage": "Mask coverage"}
 _OTHER_LABELS["loras"] = "LoRAs"
+_OTHER_LABELS.update(controlnets="ControlNet", controlnet_preprocessors="ControlNet preprocessor")
 KEY_ORDER = [
     (key, _SETTING_BY_KEY[key].png if key in _SETTING_BY_KEY else _OTHER_LABELS[key])
     for key in (
@@ -53,6 +54,11 @@ KEY_ORDER = [
         "skip_layer_guidance_stop",
         "cache_threshold",
         "loras",
+        "controlnets",
+        "controlnet_preprocessors",
+        "controlnet_conditioning_scale",
+        "control_guidance_start",
+        "control_guidance_end",
     )
 ]
 """(parameters key, label) in the order of the settings line; settings' labels come from :mod:`workbench.settings`."""

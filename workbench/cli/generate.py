@@ -1,5 +1,6 @@
 """``python -m workbench generate``: one prompt to one PNG, or a prompts file to a folder of PNGs; text→image,
-image→image (``--init-image``) or inpainting (``--init-image`` and ``--mask``, white = repaint)."""
+image→image (``--init-image``) or inpainting (``--init-image`` and ``--mask``, white = repaint); any of them with
+ControlNets (``--control IMAGE --controlnet PATH[:SCALE] --preprocess canny|blur|none``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from tqdm import tqdm
 
 from workbench.cli.common import add_model_arguments, add_sampling_arguments, load_from_args, sampling_kwargs
 from workbench.cli.paths import check_output_file, check_output_folder
+from workbench.controlnet import attach_all
 from workbench.limits import open_image
 from workbench.metadata import save_png
+from workbench.preprocess import PREPROCESSORS, preprocess
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="inpainting: paste --init-image back outside the mask, edge feathered by this many px (A1111: 4)",
     )
     parser.add_argument("--strength", type=float, default=0.6)
+    parser.add_argument("--control", default=None, help="ControlNet: the control image (resized to the output size)")
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=None,
+        metavar="PATH[:SCALE]",
+        help="ControlNet folder or .safetensors file, optionally with its scale (repeat for several)",
+    )
+    parser.add_argument(
+        "--preprocess", choices=PREPROCESSORS, default="none", help="ControlNet: preprocess --control first"
+    )
+    parser.add_argument("--control-start", type=float, default=None, help="ControlNet: from this fraction of steps")
+    parser.add_argument("--control-end", type=float, default=None, help="ControlNet: up to this fraction of steps")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.set_defaults(run=run)
@@ -63,10 +79,19 @@ def run(args: argparse.Namespace) -> int:
         check_output_folder(args.out_dir, "--out-dir")
     else:
         check_output_file(args.out, "--out")
+    if bool(args.control) != bool(args.controlnet):
+        raise ValueError("--control and --controlnet go together: the control image and the ControlNet that reads it")
     image = open_image(args.init_image, "--init-image").convert("RGB") if args.init_image else None
+    control = preprocess(open_image(args.control, "--control"), args.preprocess) if args.control else None
     mask = open_image(args.mask, "--mask") if args.mask else None
     pipe = load_from_args(args)
     kwargs = sampling_kwargs(args)
+    if control is not None:
+        attach_all(pipe, args.controlnet)
+        for entry in pipe.controlnets:
+            entry.preprocessor = args.preprocess
+        kwargs.update(control_image=control)
+        kwargs.update(control_guidance_start=args.control_start, control_guidance_end=args.control_end)
     if image is not None:
         kwargs.update(image=image, strength=args.strength)
     if mask is not None:
