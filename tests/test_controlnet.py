@@ -340,3 +340,34 @@ def test_cli_generate_with_a_controlnet_and_its_png_parameters(ours, tiny_sd3_fo
     assert main(args + control[:2] + ["--out", str(tmp_path / "x.png")]) == 2
     assert "--control and --controlnet go together" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sweep_controlnet_conditioning_scale_axis(ours, tiny_sd3_folder, tmp_path):
+    from workbench import sweep
+
+    folder = _saved(reference_controlnet("sd3", 2, seed=10), tmp_path / "cn")
+    _square(32).save(tmp_path / "control.png")
+    data = {"model": str(tiny_sd3_folder[0]), "output_dir": str(tmp_path / "out"), "prompts": [PROMPT], "seeds": [5]}
+    data.update(steps=3, guidance=3.0, height=32, width=32, max_sequence_length=32, grids=False)
+    control = {"controlnet": str(folder), "control_image": str(tmp_path / "control.png"), "preprocess": "blur"}
+    config = sweep.parse_config({**data, **control, "controlnet_conditioning_scale": [0.0, 0.8]})
+    summary = sweep.run_sweep(config, progress=False)
+    assert summary.generated == 2
+    files = {row["settings"]["controlnet_conditioning_scale"]: row["file"] for row in summary.rows}
+    got = {scale: _pixels(Image.open(tmp_path / "out" / file).convert("RGB")) for scale, file in files.items()}
+    kwargs = dict(seed=5, num_inference_steps=3, guidance_scale=3.0, height=32, width=32, max_sequence_length=32)
+    ours.controlnets.load(folder)
+    try:
+        blurred = preprocess(Image.open(tmp_path / "control.png"), "blur")
+        expected = ours(PROMPT, control_image=blurred, controlnet_conditioning_scale=0.8, **kwargs).images[0]
+    finally:
+        ours.controlnets.clear()
+    assert np.array_equal(got[0.8], _pixels(expected))
+    assert np.array_equal(got[0.0], _pixels(ours(PROMPT, **kwargs).images[0]))  # scale 0: no control
+    assert read_parameters(tmp_path / "out" / files[0.8])["controlnet_preprocessors"] == "blur"
+    plain_ids = {c.id for c in sweep.expand(sweep.parse_config(data))}
+    assert plain_ids.isdisjoint(c.id for c in sweep.expand(config))
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale 0.5 given without a controlnet"):
+        sweep.parse_config({**data, "controlnet_conditioning_scale": 0.5})
+    with pytest.raises(ValueError, match="controlnet and control_image go together"):
+        sweep.parse_config({**data, "controlnet": str(folder)})

@@ -293,7 +293,7 @@ SETTINGS: tuple[Setting, ...] = (
             "transformer residual while the summed relative change of the first block's input stays below this; "
             "0 = off", 0, 10, cli="--cache-threshold", sweep="cache_threshold", png="Cache threshold"),
     Setting("controlnet_conditioning_scale", "float", 1.0, "ControlNet: scale of the residuals (times each "
-            "ControlNet's own scale)", 0, 10, png="ControlNet scale"),
+            "ControlNet's own scale)", 0, 10, sweep="controlnet_conditioning_scale", png="ControlNet scale"),
     Setting("control_guidance_start", "float", 0.0, "ControlNet: active from this fraction of the steps", 0, 1,
             png="ControlNet start"),
     Setting("control_guidance_end", "float", 1.0, "ControlNet: … up to this fraction of the steps", 0, 1,

@@ -58,6 +58,8 @@ def cell_id(config: SweepConfig, prompt: str, seed: int, settings: Mapping[str, 
         identity["lora"] = config.lora
     else:
         identity["settings"].pop("lora_strength", None)  # ids of sweeps without a LoRA stay as they were
+    if config.controlnet is not None:
+        identity["controlnet"] = [config.controlnet, config.control_image, config.preprocess]
     for key, default in LATER_KEYS.items():  # keys added after sweeps were run: absent from ids at their default
         if identity["settings"].get(key) == default:
             identity["settings"].pop(key)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench import settings
+from workbench.preprocess import PREPROCESSORS
 from workbench.settings import MAX_SEED
 
 QUANTIZATIONS = ("int8", "nf4", "fp4")
@@ -96,6 +97,7 @@ _LABELS = {  # short labels in file names; a key not listed is its own label wit
     "skip_layer_stop": "slgb",
     "negative_prompt": "neg",
     "max_sequence_length": "msl",
+    "controlnet_conditioning_scale": "cn",
 }
 _SWEEP_KEYS = {spec.sweep: spec for spec in settings.SETTINGS if spec.sweep}
 SETTINGS: dict[str, Setting] = {
@@ -111,11 +113,19 @@ SETTING_DEFAULTS: dict[str, Any] = {
     if spec.default is not None and spec.default is not settings.MODEL_DEFAULT
 }
 """The fixed defaults (a missing key takes None: the model's default, or off)."""
-LATER_KEYS: dict[str, Any] = {"skip_layer_start": 0.01, "skip_layer_stop": 0.2, "cache_threshold": 0.0}
+LATER_KEYS: dict[str, Any] = {
+    "skip_layer_start": 0.01,
+    "skip_layer_stop": 0.2,
+    "cache_threshold": 0.0,
+    "controlnet_conditioning_scale": 1.0,
+}
 """Setting keys added after the first sweeps, with their defaults; a cell at these defaults keeps its old id."""
 GENERAL_KEYS = (
     "model",
     "lora",
+    "controlnet",
+    "control_image",
+    "preprocess",
     "device",
     "dtype",
     "height",
@@ -184,6 +194,9 @@ class SweepConfig:
     batch_size: int = 1
     threads: int | None = 1
     lora: str | None = None
+    controlnet: str | None = None
+    control_image: str | None = None
+    preprocess: str = "none"
 
     def varying_axes(self) -> list[str]:
         """Axes with more than one value, in grid order: prompt, seed (not when evaluating), then settings."""
@@ -343,6 +356,17 @@ def parse_config(data: Mapping[str, Any], output_dir: str | Path | None = None) 
         raise ValueError(f"lora must be the path of a .safetensors LoRA file, got {lora!r}")
     if lora is None and data.get("lora_strength") is not None:
         raise ValueError(f"lora_strength {data['lora_strength']!r} given without a lora file")
+    controlnet, control_image = data.get("controlnet"), data.get("control_image")
+    for key, value in (("controlnet", controlnet), ("control_image", control_image)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{key} must be a path, got {value!r}")
+    if (controlnet is None) != (control_image is None):
+        raise ValueError("controlnet and control_image go together: the ControlNet and the image it reads")
+    if controlnet is None and data.get("controlnet_conditioning_scale") not in (None, 1.0):
+        raise ValueError(
+            f"controlnet_conditioning_scale {data['controlnet_conditioning_scale']!r} given without a controlnet"
+        )
+    preprocess = _choice(PREPROCESSORS, allow_none=False)("preprocess", data.get("preprocess", "none"))
     batch_size = _number("batch_size", data.get("batch_size", 1), 1, 64, True, False) or 1
     threads = _number("threads", data.get("threads", 1), 1, 1024, True, False)
     config = SweepConfig(
@@ -359,6 +383,9 @@ def parse_config(data: Mapping[str, Any], output_dir: str | Path | None = None) 
         batch_size=batch_size,
         threads=threads,
         lora=lora,
+        controlnet=controlnet,
+        control_image=control_image,
+        preprocess=preprocess,
     )
     # quantization first: cells are ordered so that each process loads each model variant at most once
     order = ["quantization"] + [k for k in data if k in SETTINGS and k != "quantization"]

@@ -46,6 +46,12 @@ class _Models:
         self.device = device
         self.key: object = ()
         self.pipe = None
+        self.control_image = None
+        if config.control_image is not None:
+            from workbench.limits import open_image
+            from workbench.preprocess import preprocess
+
+            self.control_image = preprocess(open_image(config.control_image, "control_image"), config.preprocess)
 
     def get(self, quantization: str | None):
         if self.key != quantization:
@@ -56,6 +62,9 @@ class _Models:
             self.pipe = load_pipeline(self.config.model, self.device, dtype, quantization=quantization)
             if self.config.lora is not None:
                 self.pipe.loras.load(self.config.lora, name="sweep")
+            if self.config.controlnet is not None:
+                self.pipe.controlnets.load(self.config.controlnet, name="sweep")
+                self.pipe.controlnets.entries["sweep"].preprocessor = self.config.preprocess
             self.key = quantization
             self._check(self.pipe)
         return self.pipe
@@ -96,6 +105,7 @@ def _generate_unit(
         height=config.height,
         width=config.width,
         **pipeline_kwargs(unit[0].settings),
+        **({"control_image": models.control_image} if models.control_image is not None else {}),
     )
     seconds = (time.perf_counter() - start) / len(unit)
     results = []
