@@ -360,8 +360,9 @@ class Pipeline:
         the ``skip_layer_guidance_*`` arguments (scale; start and stop as fractions of the steps); it needs guidance.
         Raises ValueError naming the parameter for any invalid input and :class:`flow.GenerationCancelled` when
         the callback returns ``False``.
-        ``control_image`` (one image, or a list with one per ControlNet) conditions the ControlNets attached with
-        ``pipe.controlnets.load(path)`` (:mod:`workbench.controlnet`): scaled by ``controlnet_conditioning_scale``
+        ``control_image`` (one image, or a list with one per ControlNet; resized to the generation size whatever its
+        own, as diffusers does) conditions the ControlNets attached with ``pipe.controlnets.load(path)``
+        (:mod:`workbench.controlnet`), also in image→image and inpainting: scaled by ``controlnet_conditioning_scale``
         and active for the steps between ``control_guidance_start`` and ``control_guidance_end`` (fractions of the
         steps; diffusers' semantics).
         """
