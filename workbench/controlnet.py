@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from workbench.formats.controlnet import read_controlnet
-from workbench.formats.files import ModelFormatError
+from workbench.formats.files import require_matching_keys
 from workbench.models.controlnet import ControlNetConfig, SD3ControlNet, sum_controls
 from workbench.models.mmdit import sincos_2d_table
 from workbench.pipeline import Conditioning, Inputs, Pipeline, image_to_tensor
@@ -64,14 +64,7 @@ def build_controlnet(config: ControlNetConfig, state: dict[str, torch.Tensor], s
     """An :class:`SD3ControlNet` holding ``state`` (strict key match; the position table is rebuilt when absent)."""
     with torch.device("meta"):
         model = SD3ControlNet(config)
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state) - {"pos_embed.pos_embed"})
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ModelFormatError(
-            f"{source}: weights do not match the ControlNet config "
-            f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})"
-        )
+    require_matching_keys(model, state, source, "the ControlNet config", optional={"pos_embed.pos_embed"})
     model.load_state_dict(state, strict=False, assign=True)
     if model.pos_embed is not None and model.pos_embed.pos_embed.is_meta:
         block = config.block_config()

@@ -28,6 +28,7 @@ from workbench.formats.files import (
     iter_safetensors,
     read_json,
     read_safetensors,
+    require_matching_keys,
 )
 from workbench.formats.original import (
     infer_transformer_config,
@@ -126,14 +127,7 @@ def build_transformer(config: MMDiTConfig, state: dict[str, torch.Tensor], dtype
     """An :class:`MMDiT` holding ``state`` (no random init, no second copy of the weights)."""
     with torch.device("meta"):
         model = MMDiT(config)
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state) - {"pos_embed.pos_embed"})
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ModelFormatError(
-            f"{source}: weights do not match the transformer config "
-            f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})"
-        )
+    require_matching_keys(model, state, source, "the transformer config", optional={"pos_embed.pos_embed"})
     state = {k: v.to(dtype) if v.is_floating_point() and k != "pos_embed.pos_embed" else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     _materialize(model)

@@ -7,7 +7,7 @@ to convert them. Missing, truncated and mismatched files raise :class:`ModelForm
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +18,21 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 class ModelFormatError(ValueError):
     """A model path or file that cannot be loaded; the message names the file and what is allowed."""
+
+
+def require_matching_keys(
+    module: torch.nn.Module, names: Collection[str], source: str, what: str, optional: Collection[str] = ()
+) -> None:
+    """Raise :class:`ModelFormatError` unless ``names`` are exactly ``module``'s state-dict keys (``optional`` keys
+    may be absent); the message names ``source``, ``what`` the weights should match and a few of each difference."""
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(names) - set(optional))
+    unexpected = sorted(set(names) - expected)
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{source}: weights do not match {what} "
+            f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})"
+        )
 
 
 def _pickle_message(path: Path) -> str:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.formats.files import ModelFormatError
+from workbench.formats.files import ModelFormatError, require_matching_keys
 from workbench.formats.original import infer_transformer_config, split_single_file
 from workbench.models.mmdit import MMDiT, sincos_2d_table
 
@@ -392,14 +392,7 @@ def build_gguf_transformer(tensors: dict[str, GGUFTensor], dtype: torch.dtype, s
     config = infer_transformer_config(meta)
     with torch.device("meta"):
         model = MMDiT(config)
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(tensors) - {"pos_embed.pos_embed"})
-    unexpected = sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise ModelFormatError(
-            f"{source}: weights do not match an SD3 transformer "
-            f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})"
-        )
+    require_matching_keys(model, tensors, source, "an SD3 transformer", optional={"pos_embed.pos_embed"})
     linears = {name for name, module in model.named_modules() if type(module) is nn.Linear}
     state: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
