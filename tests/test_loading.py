@@ -275,3 +275,13 @@ def test_single_file_loads_every_text_encoder_group(sd35_folder, tmp_path):
     for (slot, key), value in expected.items():
         loaded = getattr(converted.text_encoders, slot).state_dict()[key]
         assert torch.equal(loaded, value.to(loaded.dtype)), (slot, key)
+
+
+def test_weights_that_do_not_match_the_config_name_what_differs():
+    from workbench.formats.files import require_matching_keys
+
+    module = torch.nn.Linear(2, 3)
+    require_matching_keys(module, ["weight", "bias"], "x.safetensors", "a linear")
+    require_matching_keys(module, ["weight"], "x.safetensors", "a linear", optional={"bias"})
+    with pytest.raises(ModelFormatError, match=r"x.safetensors: weights do not match a linear \(missing 1: \['bias'\]"):
+        require_matching_keys(module, ["weight", "extra"], "x.safetensors", "a linear")
