@@ -431,14 +431,14 @@ def test_small_renders_fill_their_boxes(page, served):
 def test_frames_progress_counts_frames(page):
     """Defect 6: Video frames counted "Step N of 144" instead of frame k of 6."""
     open_tab(page, "Video frames")
-    set_number(page, "frames-num", 6)
+    # Long enough (24 frames × 150 steps, over a minute) that Stop always lands before the last frame.
+    set_number(page, "frames-num", 24)
     open_accordion(page, "frames-settings")
-    set_number(page, "frames-steps", 24)
+    set_number(page, "frames-steps", 150)
     page.locator("#frames-generate").click()
-    wait_for_text(page, "frames-status", "Frame 2 of 6")
-    assert (
-        "step" in page.locator("#frames-status").inner_text() and "of 24" in page.locator("#frames-status").inner_text()
-    )
+    wait_for_text(page, "frames-status", "Frame 2 of 24")
+    status = page.locator("#frames-status").inner_text()
+    assert "step" in status and "of 150" in status, status
     page.locator("#frames-stop").click()
     wait_for_text(page, "frames-status", "Stopped")
 
