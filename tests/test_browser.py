@@ -287,7 +287,8 @@ def test_progress_preview_and_buttons_while_generating(page):
     assert is_disabled(page, "t2i-stop") and not is_disabled(page, "t2i-generate")
     assert "stop" not in page.locator("#t2i-stop").get_attribute("class").split()  # not red while idle
     page.locator("#t2i-prompt textarea").fill(BROWSER_PROMPT)
-    set_number(page, "t2i-steps", 40)
+    # 150 steps: half of them are still to come when the preview is looked at, even on a fast machine.
+    set_number(page, "t2i-steps", 150)
     set_number(page, "t2i-batch", 2)
     page.locator("#t2i-generate").click()
     page.wait_for_function("() => document.querySelector('#t2i-generate').disabled")
@@ -295,8 +296,8 @@ def test_progress_preview_and_buttons_while_generating(page):
     assert "stop" in page.locator("#t2i-stop").get_attribute("class").split()
     page.wait_for_function(
         """() => { const text = document.querySelector('#t2i-status').innerText;
-                   const step = text.match(/Step (\\d+) of 40/);
-                   return step && Number(step[1]) >= 20 && text.includes('it/s') && text.includes('ETA'); }"""
+                   const step = text.match(/Step (\\d+) of 150/);
+                   return step && Number(step[1]) >= 75 && text.includes('it/s') && text.includes('ETA'); }"""
     )
     assert page.locator("#t2i-status [role=progressbar]").count() == 1
     page.locator("#t2i-gallery").get_by_text("x̂0 preview").first.wait_for(state="visible")
@@ -350,8 +351,10 @@ def test_stop_is_per_tab_and_removes_the_queued_job(page, served):
     """Defect 4: Flow's Stop stopped the Text → Image run, and the queued trace ran to its end."""
     traces = served[0].workbench.output_dir / "flow"
     before = len(list(traces.glob("*.png"))) if traces.is_dir() else 0
+    # The longest Text → Image run the controls allow (150 steps × 8 images, about half a minute on a fast 2-core
+    # machine), so that it is still running when its own Stop is pressed below.
     set_number(page, "t2i-steps", 150)
-    set_number(page, "t2i-batch", 4)
+    set_number(page, "t2i-batch", 8)
     page.locator("#t2i-generate").click()
     wait_for_text(page, "t2i-status", "Step")
     open_tab(page, "Flow")
