@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.shapesworld.world import PALETTE_BACKGROUNDS, PALETTE_OBJECTS, SHAPES, STAR_INNER, Scene
+from workbench.shapesworld.world import (
+    PALETTE_BACKGROUNDS,
+    PALETTE_OBJECTS,
+    SHAPES,
+    STAR_INNER,
+    Scene,
+    uint8_to_unit,
+)
 
 MAX_OBJECTS = 2
 _SHAPE_INDEX = {name: i for i, name in enumerate(SHAPES)}
@@ -182,4 +189,4 @@ def rasterize(scenes: SceneTensors) -> tuple[torch.Tensor, torch.Tensor]:
 def render_scenes(scenes: Sequence[Scene], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rasterize` of scenes: images ``(B, 3, H, W)`` in [−1, 1] and coverage ``(B, MAX_OBJECTS, H, W)``."""
     images, cover = rasterize(SceneTensors.from_scenes(scenes, device))
-    return images.div_(127.5).sub_(1.0), cover
+    return uint8_to_unit(images), cover

@@ -20,6 +20,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -238,7 +239,7 @@ def train_batches(start: int, config: TrainConfig) -> Iterator[TrainBatch]:
     elif config.renderer == "torch":
         for scenes, tensors in step_batches(start, config, _scene_batch):
             images, coverage = rasterize(tensors.to(device, non_blocking=True))
-            yield TrainBatch(images.div_(127.5).sub_(1.0), [scene.caption for scene in scenes], scenes, coverage)
+            yield TrainBatch(uint8_to_unit(images), [scene.caption for scene in scenes], scenes, coverage)
     else:
         raise ValueError(f"renderer must be 'torch' or 'pil', got {config.renderer!r}")
 
@@ -457,15 +458,6 @@ def flow_inputs(
     return x_t, t, noise - latents
 
 
-def flow_loss(
-    pipe: Pipeline, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample rectified-flow loss ``‖v_θ(x_t, t) − (ε − x0)‖²`` and the times t used."""
-    x_t, t, target = flow_inputs(latents, pipe.transformer.config.patch_size, generator)
-    prediction = pipe.transformer(x_t, embeds, pooled, t * 1000).float()
-    return (prediction - target).pow(2).flatten(1).mean(1), t
-
-
 def binding_token_loss(
     probe: AttentionProbe, condition: Condition, batch: TrainBatch, grid: tuple[int, int], clip_length: int
 ) -> torch.Tensor:
@@ -608,13 +600,11 @@ def train_transformer(
         with _autocast(bf16, device.type):
             condition = _condition(pipe, batch.captions, step, config)
             x_t, t, target = flow_inputs(latents, patch, generator)
+            with probe if probe is not None else nullcontext():
+                prediction = forward(x_t, condition.embeds, condition.pooled, t * 1000).float()
             if probe is not None:
-                with probe:
-                    prediction = forward(x_t, condition.embeds, condition.pooled, t * 1000).float()
                 grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
                 token = binding_token_loss(probe, condition, batch, grid, clip_length)
-            else:
-                prediction = forward(x_t, condition.embeds, condition.pooled, t * 1000).float()
             per_sample = (prediction - target).pow(2).flatten(1).mean(1)
             aux = pipe.transformer.aux_loss()
             if config.negative_loss_weight > 0:

@@ -486,7 +486,8 @@ def images_to_tensor(images: list[Image.Image], uint8: bool = False) -> torch.Te
 
 
 def uint8_to_unit(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (any shape) → float in [-1, 1], on the pixels' device."""
+    """Pixels in 0–255 (uint8, or float in whole levels as the torch rasteriser gives; any shape) → float in
+    [-1, 1], on the pixels' device (a float input is scaled in place)."""
     return pixels.float().div_(127.5).sub_(1.0)
 
 
