@@ -9,6 +9,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+
+from workbench.viz import markdown_rows  # noqa: E402
+
 COLUMNS = (
     "arm",
     "images",
@@ -69,10 +73,7 @@ def row(arm_dir: Path) -> list[str]:
 
 
 def table(out: Path) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for arm_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        lines.append("| " + " | ".join(row(arm_dir)) + " |")
-    return "\n".join(lines)
+    return markdown_rows(COLUMNS, [row(arm_dir) for arm_dir in sorted(p for p in out.iterdir() if p.is_dir())])
 
 
 if __name__ == "__main__":

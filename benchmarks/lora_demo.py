@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from workbench import load_pipeline
-from workbench.lora_training import LoRATrainConfig, read_image_folder, train_lora
-from workbench.shapesworld import world
-from workbench.shapesworld.evaluate import read_image, score
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+
+from workbench import load_pipeline  # noqa: E402
+from workbench.lora_training import LoRATrainConfig, read_image_folder, train_lora  # noqa: E402
+from workbench.shapesworld import world  # noqa: E402
+from workbench.shapesworld.evaluate import read_image, score  # noqa: E402
+from workbench.viz import markdown_header, markdown_row  # noqa: E402
 
 
 def render_dataset(folder: Path, count: int, keep: int, seed: int) -> None:
@@ -79,8 +83,7 @@ def main() -> None:
     pool = world.random_canonical_captions(12 * args.n, seed=7, kind="one")
     red = [c for c in pool if " red " in f" {c} "][: args.n]
     other = [c for c in pool if " red " not in f" {c} "][: args.n]
-    print("| strength | red captions read as red | … as blue | other colours right | s / image |")
-    print("|---|---|---|---|---|")
+    print(markdown_header(["strength", "red captions read as red", "… as blue", "other colours right", "s / image"]))
     for strength in (0.0, 0.5, 1.0):
         pipe.loras.set_strength("red-is-blue", strength)
         read = {"red": 0, "blue": 0}
@@ -92,7 +95,8 @@ def main() -> None:
         seconds = (time.perf_counter() - begin) / len(red)
         right = sum(score(c, pipe(c, seed=2000 + i).images[0])["colour"] for i, c in enumerate(other))
         n = len(red)
-        print(f"| {strength:g} | {read['red']}/{n} | {read['blue']}/{n} | {right}/{len(other)} | {seconds:.2f} |")
+        counts = [f"{read['red']}/{n}", f"{read['blue']}/{n}", f"{right}/{len(other)}"]
+        print(markdown_row([f"{strength:g}", *counts, f"{seconds:.2f}"]))
     pipe.loras.fuse()
     begin = time.perf_counter()
     for i, caption in enumerate(red):

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the workbench
 from workbench import flow  # noqa: E402
 from workbench.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
 from workbench.step_cache import StepCache  # noqa: E402
+from workbench.viz import markdown_header, markdown_row  # noqa: E402
 
 SD3_MEDIUM_LAYOUT = dict(
     sample_size=128,
@@ -84,21 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         f"Random SD3-Medium-layout MMDiT, depth {args.depth}, {args.size}², {args.steps} Euler steps, CFG 7, "
         f"seed {args.seed}\n"
     )
-    print(
-        "| threshold | transformer evaluations | skipped steps | max abs Δ latent | mean abs Δ / mean abs latent "
-        "| CPU s |"
-    )
-    print("|---|---|---|---|---|---|")
+    header = ["threshold", "transformer evaluations", "skipped steps", "max abs Δ latent"]
+    print(markdown_header([*header, "mean abs Δ / mean abs latent", "CPU s"]))
     for threshold in args.thresholds:
         latent, cache, seconds = sample(model, noise, embeds, pooled, args.steps, threshold)
         reference = latent if reference is None else reference
         delta = (latent - reference).abs()
         relative = float(delta.mean() / reference.abs().mean())
         skipped = ", ".join(map(str, cache.skipped_steps)) or "–"
-        print(
-            f"| {threshold:g} | {cache.computed} | {skipped} | {float(delta.max()):.4f} | {relative:.4f} | "
-            f"{seconds:.0f} |"
-        )
+        errors = [f"{float(delta.max()):.4f}", f"{relative:.4f}"]
+        print(markdown_row([f"{threshold:g}", cache.computed, skipped, *errors, f"{seconds:.0f}"]))
     return 0
 
 

@@ -257,6 +257,13 @@ def test_markdown_table_formats_rows():
         viz.markdown_table([])
 
 
+def test_markdown_rows_is_header_then_rows_printed_one_by_one():
+    header, rows = ["σ", "n"], [[0.5, 3], ["–", None]]
+    table = viz.markdown_rows(header, rows)
+    assert table.splitlines() == ["| σ | n |", "|---|---|", "| 0.5 | 3 |", "| – | None |"]
+    assert table == "\n".join([viz.markdown_header(header), *map(viz.markdown_row, rows)])
+
+
 def test_expert_share_plot_stacks_shares_per_block():
     uniform = torch.full((1, 4, 2), 0.5)
     skewed = torch.tensor([0.8, 0.2]).expand(1, 4, 2).clone()

@@ -88,9 +88,17 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
 
 def markdown_rows(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A markdown table: the ``header`` line, the separator, one line per row (cells as ``str``)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join([markdown_header(header), *(markdown_row(row) for row in rows)])
+
+
+def markdown_header(header: Sequence[str]) -> str:
+    """A markdown table's first two lines, the header and the separator (for tables printed row by row)."""
+    return markdown_row(header) + "\n|" + "---|" * len(header)
+
+
+def markdown_row(cells: Sequence[object]) -> str:
+    """One line of a markdown table (cells as ``str``)."""
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def _new_figure(width: float, height: float) -> Figure:

@@ -45,6 +45,7 @@ from workbench.shapesworld.world import (
     render,
     scene_from_caption,
 )
+from workbench.viz import markdown_rows
 
 COLOUR_THRESHOLD = 55.0
 MIN_AREA_FRACTION = 0.0025
@@ -559,11 +560,9 @@ def _cell(accuracy: Mapping[str, float], key: str) -> str:
 def format_table(results: Mapping[str, Any]) -> str:
     """A markdown table of ``evaluate`` results, or of a mapping label -> results (as ``evaluate_renders`` returns)."""
     labelled = {f"{results['height']}x{results['width']}": results} if "accuracy" in results else dict(results)
-    header = ["canvas", "kind", "n", *TABLE_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, result in labelled.items():
-        for group, accuracy in sorted(result["accuracy"].items()):
-            count = result["support"][group]["all"]
-            cells = [label, group, str(count), *(_cell(accuracy, key) for key in TABLE_COLUMNS)]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [label, group, result["support"][group]["all"], *(_cell(accuracy, key) for key in TABLE_COLUMNS)]
+        for label, result in labelled.items()
+        for group, accuracy in sorted(result["accuracy"].items())
+    ]
+    return markdown_rows(["canvas", "kind", "n", *TABLE_COLUMNS], rows)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from workbench.shapesworld.world import POSITIONS, SHAPES, parse_caption
+from workbench.viz import markdown_rows
 
 TWO_OBJECT_REASONS: tuple[str, ...] = (
     "background",
@@ -79,36 +80,31 @@ def breakdown(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _rates_row(title: str, rates: Mapping[str, tuple[float, int]], order: Sequence[str]) -> list[str]:
+def _rates_table(title: str, rates: Mapping[str, tuple[float, int]], order: Sequence[str]) -> str:
     names = [name for name in order if name in rates]
-    return [
-        f"| {title} | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-        "| all correct (n) | " + " | ".join(f"{100 * rates[n][0]:.1f}% ({rates[n][1]})" for n in names) + " |",
-    ]
+    cells = [f"{100 * rates[name][0]:.1f}% ({rates[name][1]})" for name in names]
+    return markdown_rows([title, *names], [["all correct (n)", *cells]])
 
 
 def format_breakdown(records: Sequence[Mapping[str, Any]]) -> str:
-    """:func:`breakdown` as markdown tables."""
+    """:func:`breakdown` as markdown tables, separated by blank lines."""
     result = breakdown(records)
-    lines: list[str] = []
+    tables: list[str] = []
     one = result["one"]
     if any(one["by_shape"]):
-        lines += _rates_row("one object: shape", one["by_shape"], SHAPES) + [""]
-        lines += _rates_row("one object: size", one["by_size"], ("small", "large", "unstated")) + [""]
-        lines += _rates_row("one object: position", one["by_position"], tuple(POSITIONS)) + [""]
+        tables.append(_rates_table("one object: shape", one["by_shape"], SHAPES))
+        tables.append(_rates_table("one object: size", one["by_size"], ("small", "large", "unstated")))
+        tables.append(_rates_table("one object: position", one["by_position"], tuple(POSITIONS)))
         read_shapes = [*SHAPES, "none"]
-        lines += ["| stated shape → read as | " + " | ".join(read_shapes) + " |", "|---|" + "---|" * len(read_shapes)]
+        rows = []
         for stated, counts in one["shape_confusion"].items():
             total = sum(counts.values())
-            cells = [f"{100 * counts.get(read, 0) / total:.1f}%" for read in read_shapes]
-            lines.append(f"| {stated} ({total}) | " + " | ".join(cells) + " |")
-        lines.append("")
+            rows.append([f"{stated} ({total})", *(f"{100 * counts.get(read, 0) / total:.1f}%" for read in read_shapes)])
+        tables.append(markdown_rows(["stated shape → read as", *read_shapes], rows))
     two = result["two"]
     if two["n"]:
         failed = sum(two["reasons"].values())
-        lines += ["| two objects: first failure | images | share of the two-object images |", "|---|---|---|"]
-        for reason, count in two["reasons"].items():
-            lines.append(f"| {reason} | {count} | {100 * count / two['n']:.1f}% |")
-        lines.append(f"| (any) | {failed} | {100 * failed / two['n']:.1f}% |")
-    return "\n".join(lines).rstrip("\n")
+        rows = [[reason, count, f"{100 * count / two['n']:.1f}%"] for reason, count in two["reasons"].items()]
+        rows.append(["(any)", failed, f"{100 * failed / two['n']:.1f}%"])
+        tables.append(markdown_rows(["two objects: first failure", "images", "share of the two-object images"], rows))
+    return "\n\n".join(tables)

@@ -31,6 +31,7 @@ from workbench.shapesworld.world import (
     render,
     scene_from_caption,
 )
+from workbench.viz import markdown_rows
 
 SIGMAS: tuple[float, ...] = (0.9, 0.6, 0.3)
 _MIRROR = {
@@ -133,11 +134,9 @@ def caption_sensitivity(
 def format_sensitivity(result: dict[str, dict[str, dict[float, float]]]) -> str:
     """:func:`caption_sensitivity` as a markdown table: one row per edit, one column per σ."""
     sigmas = sorted({s for edits in result.values() for values in edits.values() for s in values}, reverse=True)
-    lines = [
-        "| objects | edit | " + " | ".join(f"σ = {s:g}" for s in sigmas) + " |",
-        "|---|---|" + "---|" * len(sigmas),
+    rows = [
+        [kind, edit, *(f"{values[s]:.3f}" for s in sigmas)]
+        for kind, edits in result.items()
+        for edit, values in edits.items()
     ]
-    for kind, edits in result.items():
-        for edit, values in edits.items():
-            lines.append(f"| {kind} | {edit} | " + " | ".join(f"{values[s]:.3f}" for s in sigmas) + " |")
-    return "\n".join(lines)
+    return markdown_rows(["objects", "edit", *(f"σ = {s:g}" for s in sigmas)], rows)
