@@ -176,6 +176,10 @@ def test_travel_frames_carry_their_position(pipe):
         (dict(prompts=[LEFT], mode="loopback", loopback_strength=1.5), "loopback_strength"),
         (dict(prompts=[LEFT], mode="walk", seed=[4]), "seed"),
         (dict(prompts=[LEFT, RIGHT], seed=-1), "seed"),
+        (dict(prompts=[LEFT, RIGHT], seed="3"), "seed"),
+        (dict(prompts=[LEFT, RIGHT], seed=True), "seed"),
+        (dict(prompts=[LEFT], mode="walk", seed=2**32 - 1), "seed"),  # its walk partner 2**32 is out of range
+        (dict(prompts=[LEFT], mode="loopback", loopback_strength=float("nan")), "loopback_strength"),
         (dict(prompts=[LEFT, RIGHT], easing="bounce"), "easing"),
         (dict(prompts=[LEFT, RIGHT], image=None), "image"),
         (dict(prompts=[LEFT, RIGHT], height=100), "height"),

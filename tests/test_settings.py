@@ -78,27 +78,55 @@ def _names(where: str) -> set[str]:
     return {s.name for s in SETTINGS if getattr(s, where)}
 
 
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
+
+
 def test_command_line_takes_exactly_its_settings_with_their_defaults(pipe):
     parser = argparse.ArgumentParser()
     add_sampling_arguments(parser)
-    flags = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
-    assert flags == {s.cli for s in SETTINGS if s.cli}
+    assert _flags(parser) == {s.cli for s in SETTINGS if s.cli and not s.cli_needs}
     args = parser.parse_args([])
     kwargs = sampling_kwargs(args)
-    assert set(kwargs) | {"seed"} == _names("cli")
+    assert set(kwargs) | {"seed"} == {s.name for s in SETTINGS if s.cli and not s.cli_needs}
     assert args.seed == settings.setting("seed").cli_default == 0
     assert GenerationSettings.resolve(pipe.defaults, **kwargs) == GenerationSettings.resolve(pipe.defaults)
 
 
-def test_generate_command_defaults_match_the_settings():
+def test_generate_command_takes_every_flag_of_the_settings_with_their_defaults(pipe):
+    """``generate`` takes the inputs the input-bound flags need, so it has every setting's flag (--strength and
+    --mask-blur included), with the settings' defaults and help texts, and passes them on as keywords."""
     from workbench.cli import generate
 
+    assert {s.cli_needs for s in SETTINGS if s.cli_needs} == {"--init-image", "--mask"}
+    assert {s.name for s in SETTINGS if s.cli_needs} == {"strength", "mask_blur"}
     parser = argparse.ArgumentParser()
     generate.register(parser.add_subparsers())
     sub = parser._subparsers._group_actions[0].choices["generate"]
-    defaults = {a.dest: a.default for a in sub._actions}
-    assert defaults["strength"] == settings.default_value("strength")
-    assert defaults["mask_blur"] == settings.default_value("mask_blur")
+    assert {s.cli for s in SETTINGS if s.cli} <= _flags(sub)
+    args = sub.parse_args(["--prompt", "x"])
+    kwargs = sampling_kwargs(args, generate.INPUTS)
+    assert set(kwargs) | {"seed"} == _names("cli")
+    assert kwargs["strength"] == settings.default_value("strength") == 0.6
+    assert kwargs["mask_blur"] is settings.default_value("mask_blur") is None
+    assert GenerationSettings.resolve(pipe.defaults, **kwargs) == GenerationSettings.resolve(pipe.defaults)
+    helps = {a.dest: a.help for a in sub._actions}
+    assert helps["strength"].startswith(settings.setting("strength").help)
+    assert helps["mask_blur"].startswith(settings.setting("mask_blur").help)
+    given = sampling_kwargs(sub.parse_args(["--prompt", "x", "--strength", "0.3", "--mask-blur", "4"]), generate.INPUTS)
+    assert (given["strength"], given["mask_blur"]) == (0.3, 4.0)
+
+
+def test_frames_command_keeps_its_own_strength_flag():
+    """``frames`` takes no start image: the image→image flags are not its; its ``--strength`` is the loopback's."""
+    from workbench.cli import frames
+
+    parser = argparse.ArgumentParser()
+    frames.register(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["frames"]
+    assert "--mask-blur" not in _flags(sub)
+    args = sub.parse_args(["--prompt", "x", "--strength", "0.5"])
+    assert "strength" not in sampling_kwargs(args) and "mask_blur" not in sampling_kwargs(args)
 
 
 def test_app_api_takes_exactly_its_settings_with_their_defaults(pipe):

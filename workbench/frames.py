@@ -30,7 +30,8 @@ from PIL import Image
 
 from workbench.flow import GenerationCancelled
 from workbench.metadata import format_parameters, save_png
-from workbench.pipeline import MAX_SEED, Pipeline
+from workbench.pipeline import Pipeline
+from workbench.settings import check_fixed_seeds, setting
 
 MODES = ("travel", "walk", "loopback")
 EASINGS = ("linear", "cosine")
@@ -303,10 +304,9 @@ def _validate(
         raise ValueError(f"seed: mode='walk' needs at least 2 seeds, got {seeds}")
     if mode != "walk" and len(seeds) != 1:
         raise ValueError(f"seed must be one integer for mode={mode!r}, got {seeds}")
-    if isinstance(loopback_strength, bool) or not isinstance(loopback_strength, (int, float)):
-        raise ValueError(f"loopback_strength must be a number in (0, 1], got {loopback_strength!r}")
-    if not 0 < loopback_strength <= 1:
-        raise ValueError(f"loopback_strength must be in (0, 1], got {loopback_strength}")
+    if loopback_strength is None:  # the setting's check lets None through (its default)
+        raise ValueError("loopback_strength must be a number in (0, 1], got None")
+    setting("strength").check(loopback_strength, "loopback_strength")  # the image→image strength's range
     if easing not in EASINGS:
         raise ValueError(f"easing must be one of {EASINGS}, got {easing!r}")
     for key, instead in RESERVED_KWARGS.items():
@@ -315,17 +315,10 @@ def _validate(
 
 
 def _seed_list(seed: int | Sequence[int], mode: str) -> list[int]:
-    if isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer or a list of integers, got {seed!r}")
-    if isinstance(seed, int):
-        seed = [seed, seed + 1] if mode == "walk" else [seed]
-    if isinstance(seed, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
-        seeds = list(seed)
-    else:
-        raise ValueError(f"seed must be an integer or a list of integers, got {seed!r}")
-    if any(not 0 <= s <= MAX_SEED for s in seeds):
-        raise ValueError(f"seed must be between 0 and {MAX_SEED} (a fixed seed; no random -1), got {seed!r}")
-    return seeds
+    checked = check_fixed_seeds(seed)  # the seed setting's check, negative (random) seeds refused
+    if isinstance(checked, list):
+        return checked
+    return check_fixed_seeds([checked, checked + 1] if mode == "walk" else [checked])
 
 
 def make_frames(

@@ -92,6 +92,8 @@ class Setting:
     sigmas in [0, 1]), ``blocks`` (a non-empty list of block indices), ``weights`` (expert weights: one list, or a
     mapping block → list) or ``seed``. Numbers lie in ``[low, high]`` (``(low, high]`` with ``open_low``).
     ``cli``: the shared command-line flag (:func:`workbench.cli.common.add_sampling_arguments`), None if absent;
+    ``cli_needs``: the command-line input the flag acts on (``--init-image``, ``--mask``), so that only the commands
+    that take that input get the flag; None: every generating command;
     ``sweep``: the sweep-config key, None if absent; ``app``: exposed by the app's generation endpoints
     (:class:`workbench.ui.controls.SamplingValues`); ``png``: the label in the PNG ``parameters`` chunk.
     ``cli_default`` replaces ``default`` on the command line (the seed: 0 there, so that files reproduce);
@@ -106,6 +108,7 @@ class Setting:
     open_low: bool = False
     choices: tuple[str, ...] = ()
     cli: str | None = None
+    cli_needs: str | None = None
     sweep: str | None = None
     app: bool = False
     png: str | None = None
@@ -213,8 +216,8 @@ def _check_weights(setting: Setting, name: str, value: Any) -> list[float] | dic
     return dict(sorted(out.items()))
 
 
-def _check_seed(setting: Setting, name: str, value: Any) -> int | list[int]:
-    wording = f"an integer in [0, {MAX_SEED}] (negative: random) or a list of them"
+def _check_seed(setting: Setting, name: str, value: Any, random: bool = True) -> int | list[int]:
+    wording = f"an integer in [0, {MAX_SEED}]" + (" (negative: random)" if random else "") + " or a list of them"
     if isinstance(value, Sequence) and not isinstance(value, str):
         if not value or not all(_is_integer(s) and not isinstance(s, float) for s in value):
             raise ValueError(f"{name} must be {wording}, got {value!r}")
@@ -224,9 +227,16 @@ def _check_seed(setting: Setting, name: str, value: Any) -> int | list[int]:
         return seeds
     if not _is_integer(value) or isinstance(value, float):
         raise ValueError(f"{name} must be {wording}, got {value!r}")
-    if value > MAX_SEED:
-        raise ValueError(f"{name} must be between 0 and {MAX_SEED}, got {value}")
+    if value > MAX_SEED or (value < 0 and not random):
+        fixed = "" if random else " (a fixed seed; no random -1)"
+        raise ValueError(f"{name} must be between 0 and {MAX_SEED}{fixed}, got {value}")
     return int(value)
+
+
+def check_fixed_seeds(value: Any, name: str = "seed") -> int | list[int]:
+    """``value`` checked as the ``seed`` setting is, except that it must reproduce: a negative (random) seed is
+    refused too. For tools that need known seeds (frame sequences)."""
+    return _check_seed(BY_NAME["seed"], name, value, random=False)
 
 
 _CHECKS = {
@@ -260,9 +270,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_sequence_length", "int", 256, "T5 tokens", 1, 512, cli="--max-sequence-length",
             sweep="max_sequence_length", png="Max sequence length"),
     Setting("strength", "float", 0.6, "image→image: how much of the schedule runs (diffusers' strength)", 0, 1,
-            open_low=True, png="Denoising strength"),
+            open_low=True, cli="--strength", cli_needs="--init-image", png="Denoising strength"),
     Setting("mask_blur", "float", None, "inpainting: paste the start image back outside the mask, edge feathered by "
-            "this many px (A1111: 4); off by default", 0, 64, png="Mask blur",
+            "this many px (A1111: 4); off by default", 0, 64, cli="--mask-blur", cli_needs="--mask", png="Mask blur",
             rule="a radius in [0, 64] px and needs mask_image"),
     Setting("sampler", "choice", MODEL_DEFAULT, "the sampler", choices=SAMPLERS, cli="--sampler", sweep="sampler",
             app=True, png="Sampler"),

@@ -36,16 +36,19 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def sampling_flags() -> dict[str, str]:
-    """Generation setting name → its command-line flag (every :data:`workbench.settings.SETTINGS` entry with one)."""
-    return {spec.name: spec.cli for spec in SETTINGS if spec.cli}
+def sampling_flags(inputs: tuple[str, ...] = ()) -> dict[str, str]:
+    """Generation setting name → its command-line flag, for every :data:`workbench.settings.SETTINGS` entry with one;
+    a flag that acts on an input (:attr:`Setting.cli_needs`, e.g. ``--strength`` on ``--init-image``) only when the
+    command takes that input (``inputs``)."""
+    return {spec.name: spec.cli for spec in SETTINGS if spec.cli and (not spec.cli_needs or spec.cli_needs in inputs)}
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per generation setting that has one (:attr:`Setting.cli`), with its default and help text; a
-    default of the model's own is None here (the pipeline fills it in)."""
+def add_sampling_arguments(parser: argparse.ArgumentParser, inputs: tuple[str, ...] = ()) -> None:
+    """The flags of :func:`sampling_flags`, with their settings' defaults and help texts; a default of the model's
+    own is None here (the pipeline fills it in)."""
+    flags = sampling_flags(inputs)
     for spec in SETTINGS:
-        if not spec.cli:
+        if spec.name not in flags:
             continue
         default = spec.cli_default if spec.cli_default is not MODEL_DEFAULT else spec.default
         default = None if default is MODEL_DEFAULT else default
@@ -86,15 +89,16 @@ def load_from_args(args: argparse.Namespace):
     return pipe
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The parsed sampling flags as pipeline keyword arguments (all but the seed, which each command spreads over
-    its images); ValueError naming the flag for an unreadable list."""
+def sampling_kwargs(args: argparse.Namespace, inputs: tuple[str, ...] = ()) -> dict:
+    """The parsed sampling flags (:func:`add_sampling_arguments` with the same ``inputs``) as pipeline keyword
+    arguments, all but the seed, which each command spreads over its images; ValueError naming the flag for an
+    unreadable list."""
     kwargs = {}
-    for name, flag in sampling_flags().items():
-        value = getattr(args, _dest(flag))
-        kind = setting(name).kind
+    for name, flag in sampling_flags(inputs).items():
         if name == "seed":
             continue
+        value = getattr(args, _dest(flag))
+        kind = setting(name).kind
         if kind == "weights" and value is not None:
             try:
                 value = [float(w) for w in value.split(",")]

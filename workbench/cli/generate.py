@@ -16,6 +16,9 @@ from workbench.limits import open_image
 from workbench.metadata import save_png
 from workbench.preprocess import PREPROCESSORS, preprocess
 
+INPUTS = ("--init-image", "--mask")
+"""The inputs this command takes, so that it has the settings' flags that act on them (--strength, --mask-blur)."""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="text→image, image→image or inpainting to PNG files")
@@ -26,13 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out-dir", default="outputs", help="output folder (prompts file): 0000.png, 0001.png, …")
     parser.add_argument("--init-image", default=None, help="image→image: the starting image")
     parser.add_argument("--mask", default=None, help="inpainting: mask image the size of --init-image, white = repaint")
-    parser.add_argument(
-        "--mask-blur",
-        type=float,
-        default=None,
-        help="inpainting: paste --init-image back outside the mask, edge feathered by this many px (A1111: 4)",
-    )
-    parser.add_argument("--strength", type=float, default=0.6)
     parser.add_argument("--control", default=None, help="ControlNet: the control image (resized to the output size)")
     parser.add_argument(
         "--controlnet",
@@ -47,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--control-start", type=float, default=None, help="ControlNet: from this fraction of steps")
     parser.add_argument("--control-end", type=float, default=None, help="ControlNet: up to this fraction of steps")
     add_model_arguments(parser)
-    add_sampling_arguments(parser)
+    add_sampling_arguments(parser, INPUTS)
     parser.set_defaults(run=run)
 
 
@@ -85,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     control = preprocess(open_image(args.control, "--control"), args.preprocess) if args.control else None
     mask = open_image(args.mask, "--mask") if args.mask else None
     pipe = load_from_args(args)
-    kwargs = sampling_kwargs(args)
+    kwargs = sampling_kwargs(args, INPUTS)
     if control is not None:
         attach_all(pipe, args.controlnet)
         for entry in pipe.controlnets:
@@ -93,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
         kwargs.update(control_image=control)
         kwargs.update(control_guidance_start=args.control_start, control_guidance_end=args.control_end)
     if image is not None:
-        kwargs.update(image=image, strength=args.strength)
+        kwargs.update(image=image)
     if mask is not None:
-        kwargs.update(mask_image=mask, mask_blur=args.mask_blur)
+        kwargs.update(mask_image=mask)
     steps = kwargs["num_inference_steps"] or pipe.defaults.num_inference_steps
     outputs = []
     for i, prompt in enumerate(tqdm(prompts, desc="images", disable=len(prompts) == 1)):
