@@ -303,6 +303,9 @@ def test_preprocessors():
     edges = np.asarray(preprocess(_square(), "canny"))
     assert edges.shape == (32, 32, 3) and set(np.unique(edges)) == {0, 255}
     assert edges[8:24, 7:9].any() and not edges[12:20, 12:20].any() and not edges[:4].any()  # the border only
+    green_on_gray = np.full((32, 32, 3), 128, dtype=np.uint8)
+    green_on_gray[8:24, 8:24] = (50, 170, 70)  # about as bright as the gray: a grayscale Canny sees no edge
+    assert np.asarray(preprocess(Image.fromarray(green_on_gray), "canny"))[8:24, 7:9].any()
     half = np.zeros((64, 64, 3), dtype=np.uint8)
     half[:, :32] = 255  # white left half
     blurred = np.asarray(preprocess(Image.fromarray(half), "blur"), dtype=np.int16)

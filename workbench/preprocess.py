@@ -17,15 +17,16 @@ BLUR_RADIUS = 8.0
 
 
 def canny(image: Image.Image, low: int = CANNY_THRESHOLDS[0], high: int = CANNY_THRESHOLDS[1]) -> Image.Image:
-    """White Canny edges on black, ``(W, H)`` RGB, from the grayscale image (``cv2.Canny``, 3×3 Sobel)."""
+    """White Canny edges on black, ``(W, H)`` RGB (``cv2.Canny``, 3×3 Sobel) on the RGB image, as the original
+    ControlNet annotator does: OpenCV takes, at each pixel, the channel with the strongest gradient, so an edge
+    between two colours of equal brightness (green on gray) is still found, which a grayscale conversion loses."""
     try:
         import cv2
     except ImportError as err:  # pragma: no cover - opencv-python-headless is in requirements.txt
         raise ImportError("the canny preprocessor needs OpenCV: pip install opencv-python-headless") from err
     if not 0 <= low <= high:
         raise ValueError(f"canny thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
-    gray = np.asarray(image.convert("L"))
-    edges = cv2.Canny(gray, low, high)
+    edges = cv2.Canny(np.ascontiguousarray(np.asarray(image.convert("RGB"))), low, high)
     return Image.fromarray(edges).convert("RGB")
 
 

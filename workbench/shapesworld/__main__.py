@@ -3,6 +3,7 @@
 python -m workbench.shapesworld train --stage all --run runs/shapesworld    # VAE, then text + MMDiT
 python -m workbench.shapesworld export --run runs/shapesworld               # → models/shapesworld-moe
 python -m workbench.shapesworld eval --n 200                                # accuracy table from pixels
+python -m workbench.shapesworld train-controlnet --time-budget 3600         # Canny ControlNet of the embedded model
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from workbench.shapesworld.cli_controlnet import add_controlnet_commands
 from workbench.shapesworld.cli_data import add_data_commands
 
 
@@ -283,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--device", default="cpu")
     sens.set_defaults(run_command=_sensitivity)
     add_data_commands(commands)
+    add_controlnet_commands(commands)
     return parser
 
 
