@@ -16,12 +16,15 @@ residuals and hands them to ``MMDiT.forward`` (``block_controls``). The semantic
 
 One deliberate difference: diffusers draws the control latent from the VAE posterior with the unseeded global RNG;
 here it is the posterior mean, so that a seed reproduces the image.
+
+The residuals are computed lazily (:class:`LazyControls`), when the transformer's blocks first read them: an
+evaluation that step caching (``cache_threshold``) skips does not run the ControlNets either.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,23 +201,52 @@ class ControlNetSet:
             step = int((step_timesteps - float(timestep.reshape(-1)[0])).abs().argmin())
             if step / steps < start or (step + 1) / steps > end:
                 return {}
-            controls = []
-            for entry, control in zip(entries, latents):
-                config = entry.model.config
-                controls.append(
-                    entry.model(
-                        x,
-                        control.expand(x.shape[0], -1, -1, -1).to(x.dtype),
-                        embeds if config.joint_attention_dim is not None else None,
-                        torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
-                        timestep,
-                        entry.scale * scale,
-                        pos_embed=transformer.pos_embed,
+
+            def run() -> list[torch.Tensor]:
+                controls = []
+                for entry, control in zip(entries, latents):
+                    config = entry.model.config
+                    controls.append(
+                        entry.model(
+                            x,
+                            control.expand(x.shape[0], -1, -1, -1).to(x.dtype),
+                            embeds if config.joint_attention_dim is not None else None,
+                            torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
+                            timestep,
+                            entry.scale * scale,
+                            pos_embed=transformer.pos_embed,
+                        )
                     )
-                )
-            return {"block_controls": sum_controls(controls)}
+                return sum_controls(controls)
+
+            return {"block_controls": LazyControls(run)}
 
         return Conditioning(kwargs, self.metadata(settings))
+
+
+class LazyControls(Sequence[torch.Tensor]):
+    """The summed ControlNet residuals of one transformer evaluation, computed at their first use: when step
+    caching (:mod:`workbench.step_cache`) reuses the last residual, the transformer never reads its
+    ``block_controls`` and the ControlNets do not run. ``compute()`` returns the list of residuals."""
+
+    def __init__(self, compute: Callable[[], list[torch.Tensor]]) -> None:
+        self._compute: Callable[[], list[torch.Tensor]] | None = compute
+        self._controls: list[torch.Tensor] = []
+
+    @property
+    def computed(self) -> bool:
+        return self._compute is None
+
+    def _get(self) -> list[torch.Tensor]:
+        if self._compute is not None:
+            self._controls, self._compute = self._compute(), None
+        return self._controls
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __getitem__(self, index):  # noqa: ANN001 - Sequence's int or slice
+        return self._get()[index]
 
 
 def _check_scale(scale: float) -> float:

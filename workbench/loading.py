@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from workbench import memory
+from workbench.acceleration import accelerate_pipeline, check_switch
 from workbench.controlnet import attach_all  # also registers the pipeline extension pipe.controlnets
 from workbench.formats.files import (
     PICKLE_SUFFIXES,
@@ -381,6 +382,8 @@ def load_pipeline(
     cpu_kernels: bool | None = None,
     vae_tile_threshold: int | None = None,
     controlnet: str | Path | Sequence[str | Path] | None = None,
+    compile: bool | str = "auto",
+    fp8: bool | str = False,
 ) -> Pipeline:
     """Load a model: ``None`` (the embedded ShapesWorld model), a diffusers folder, a Hugging Face repo id in the
     local cache, a single ``.safetensors`` checkpoint, or a ``.gguf`` transformer (ComfyUI-GGUF or
@@ -388,9 +391,12 @@ def load_pipeline(
     {None, "int8", "nf4", "fp4"} (a diffusers folder's transformer is quantized while it is read); ``offload`` ∈
     {None, "model", "sequential"}; the keyword options are those of :func:`workbench.memory.prepare`.
     ``controlnet``: one or several ControlNet folders or files (``PATH:SCALE`` allowed) attached to
-    ``pipe.controlnets`` (:mod:`workbench.controlnet`)."""
+    ``pipe.controlnets`` (:mod:`workbench.controlnet`). ``compile`` / ``fp8`` (True, False or "auto"): the speed
+    switch of :func:`workbench.acceleration.accelerate_pipeline` (what it did: ``pipe.acceleration``); "auto"
+    compiles on CUDA and not on the CPU; fp8 is off unless asked, since it changes the numbers."""
 
     memory.check_options(quantization, offload, attention_chunk_size, int8_backend, vae_tile_threshold)
+    compile, fp8 = check_switch(compile, "compile"), check_switch(fp8, "fp8")
     folder = resolve_model_path(path, download=download)
     if folder.is_file():
         if folder.suffix.lower() not in (".safetensors", ".gguf"):
@@ -422,4 +428,5 @@ def load_pipeline(
     )
     if controlnet is not None:
         attach_all(pipe, controlnet)
+    accelerate_pipeline(pipe, compile=compile, fp8=fp8)
     return pipe
