@@ -32,6 +32,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--compile`` and ``--fp8``: the speed switch (:func:`workbench.acceleration.accelerate_pipeline`)."""
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="torch.compile the transformer blocks and VAE decoder (auto: on CUDA, not on the CPU; the first image "
+        "of a size compiles)",
+    )
+    parser.add_argument(
+        "--fp8",
+        default="off",
+        choices=["auto", "on", "off"],
+        help="float8 transformer linears via torchao (CUDA, compute capability ≥ 8.9; auto: where it can run)",
+    )
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -81,6 +98,8 @@ def load_from_args(args: argparse.Namespace):
         quantization=args.quantization,
         offload=args.offload,
         text_encoders_from=args.text_encoders_from,
+        compile=getattr(args, "compile", False),  # commands without --compile (training) never compile
+        fp8=getattr(args, "fp8", False),
     )
     for path, strength in specs:
         pipe.loras.load(path, strength=strength)

@@ -5,11 +5,18 @@ ControlNets (``--control IMAGE --controlnet PATH[:SCALE] --preprocess canny|blur
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from workbench.cli.common import add_model_arguments, add_sampling_arguments, load_from_args, sampling_kwargs
+from workbench.cli.common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    add_speed_arguments,
+    load_from_args,
+    sampling_kwargs,
+)
 from workbench.cli.paths import check_output_file, check_output_folder
 from workbench.controlnet import attach_all
 from workbench.limits import open_image
@@ -43,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--control-start", type=float, default=None, help="ControlNet: from this fraction of steps")
     parser.add_argument("--control-end", type=float, default=None, help="ControlNet: up to this fraction of steps")
     add_model_arguments(parser)
+    add_speed_arguments(parser)
     add_sampling_arguments(parser, INPUTS)
     parser.set_defaults(run=run)
 
@@ -81,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     control = preprocess(open_image(args.control, "--control"), args.preprocess) if args.control else None
     mask = open_image(args.mask, "--mask") if args.mask else None
     pipe = load_from_args(args)
+    report = pipe.acceleration
+    if report.compiled or report.fp8:
+        print(report.summary(), file=sys.stderr)
     kwargs = sampling_kwargs(args, INPUTS)
     if control is not None:
         attach_all(pipe, args.controlnet)
