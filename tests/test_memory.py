@@ -386,3 +386,116 @@ def test_benchmark_weight_extrapolation_and_random_weights():
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     weight = first["transformer_blocks.0.ff.net.2.weight"]
     assert weight.abs().max() <= weight.shape[1] ** -0.5 and weight.std() > 0.5 * weight.shape[1] ** -0.5 / 3**0.5
+
+
+# ------------------------------------------------------------- accelerate's hook-based model offload, compared
+# docs/design.md, "Offload": why model offload stays ours rather than accelerate.cpu_offload_with_hook.
+
+
+def _accelerate_model_offload(pipe, device) -> dict:
+    """diffusers' ``enable_model_cpu_offload``, by hand: ``cpu_offload_with_hook`` on each component in the order of a
+    text→image call (text encoders, transformer, VAE), each hook offloading the one before. The VAE runs through
+    ``encode``/``decode``, not ``forward``, so, as diffusers' ``apply_forward_hook`` does, those methods call its hook
+    when ``wrap_vae`` is set. Returns name → accelerate's hook."""
+    from accelerate import cpu_offload_with_hook
+
+    hooks, previous = {}, None
+    components = [
+        (f"text_encoders.{slot}", getattr(pipe.text_encoders, slot, None)) for slot in ("clip_l", "clip_g", "t5")
+    ]
+    for name, module in [*components, ("transformer", pipe.transformer), ("vae", pipe.vae)]:
+        if module is not None:
+            _, previous = cpu_offload_with_hook(module, device, prev_module_hook=previous)
+            hooks[name] = previous
+    return hooks
+
+
+def _wrap_vae_methods(pipe, hook) -> None:
+    for method in ("encode", "decode"):
+        original = getattr(pipe.vae, method)
+
+        def triggered(*args, _original=original, **kwargs):
+            hook.hook.pre_forward(pipe.vae)
+            return _original(*args, **kwargs)
+
+        setattr(pipe.vae, method, triggered)
+
+
+def test_accelerate_model_offload_hooks_only_forward_so_the_vae_is_never_moved(micro_folder, reference):
+    """On the CPU accelerate's hooks can run (execution device = the CPU: no transfer) and show where they fire:
+    on each component's ``forward``. The pipeline calls the VAE through ``encode``/``decode``, so its hook never
+    fires: accelerate alone would leave the VAE on the CPU (ours triggers the VAE unit from its encoder, decoder and
+    quant convs). Images are unchanged under the hooks."""
+    from accelerate.hooks import CpuOffload
+
+    pipe = load_pipeline(micro_folder)
+    hooks = _accelerate_model_offload(pipe, torch.device("cpu"))
+    fired: list[str] = []
+    names = {id(hook.model): name for name, hook in hooks.items()}
+    original = CpuOffload.pre_forward
+
+    def spy(self, module, *args, **kwargs):
+        fired.append(names[id(module)])
+        return original(self, module, *args, **kwargs)
+
+    CpuOffload.pre_forward = spy
+    try:
+        init = reference(PROMPT, **CALL).images[0]
+        for kwargs in ({}, {"image": init, "strength": 0.7}):
+            fired.clear()
+            got, expected = pipe(PROMPT, **CALL, **kwargs), reference(PROMPT, **CALL, **kwargs)
+            assert torch.equal(got.latents, expected.latents)
+            assert "vae" not in fired and {"transformer", "text_encoders.clip_l"} <= set(fired)
+        _wrap_vae_methods(pipe, hooks["vae"])
+        fired.clear()
+        pipe(PROMPT, **CALL, image=init, strength=0.7)
+        assert fired[0] == "vae" and fired[-1] == "vae"  # image→image: the VAE encodes first, decodes last
+    finally:
+        CpuOffload.pre_forward = original
+        for hook in hooks.values():
+            hook.remove()
+
+
+def _resident(pipe, device: torch.device) -> set[str]:
+    parts = {"transformer": pipe.transformer, "vae": pipe.vae}
+    parts.update({slot: getattr(pipe.text_encoders, slot) for slot in ("clip_l", "clip_g", "t5")})
+    return {name for name, m in parts.items() if m is not None and next(m.parameters()).device.type == device.type}
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="accelerate's model offload moves weights between the CPU and an accelerator; with one device (the CPU) "
+    "there is nothing to measure — see test_accelerate_model_offload_hooks_only_forward_so_the_vae_is_never_moved",
+)
+def test_accelerate_model_offload_against_ours_on_cuda(micro_folder):
+    """Same images, and never fewer components on the GPU while the transformer runs: ours keeps exactly one; with
+    accelerate's chain the VAE, which encodes first in image→image, stays on the GPU through the sampling loop."""
+    device = torch.device("cuda")
+    plain = load_pipeline(micro_folder, device="cuda")
+    ours = load_pipeline(micro_folder, device="cuda", offload="model")
+    theirs = load_pipeline(micro_folder, device="cuda")
+    hooks = _accelerate_model_offload(theirs, device)
+    _wrap_vae_methods(theirs, hooks["vae"])
+    init = plain(PROMPT, **CALL).images[0]
+    report = {}
+    for label, kwargs in (("text→image", {}), ("image→image", {"image": init, "strength": 0.7})):
+        expected = plain(PROMPT, **CALL, **kwargs)
+        for name, pipe in (("ours", ours), ("accelerate", theirs)):
+            during: list[set[str]] = []
+            handle = pipe.transformer.register_forward_pre_hook(
+                lambda m, a, p=pipe, log=during: log.append(_resident(p, device))
+            )
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                got = pipe(PROMPT, **CALL, **kwargs)
+            finally:
+                handle.remove()
+            if name == "accelerate":
+                hooks["vae"].offload()  # diffusers' maybe_free_model_hooks: the last component back after a call
+            assert torch.equal(got.latents, expected.latents), (label, name)
+            assert np.array_equal(np.asarray(got.images[0]), np.asarray(expected.images[0])), (label, name)
+            report[label, name] = (set().union(*during), torch.cuda.max_memory_allocated())
+        assert report[label, "ours"][0] == {"transformer"}, report
+        assert report[label, "ours"][0] <= report[label, "accelerate"][0], report
+    print(report)  # (components on the GPU while the transformer runs, peak bytes allocated) per call and offload
