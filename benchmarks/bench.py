@@ -362,6 +362,91 @@ def section_speed(depth: int, resolution: int, repeats: int) -> tuple[str, dict]
     return title + table(header, rows), numbers
 
 
+def section_cpu_paths(
+    depth: int, resolution: int, repeats: int, compile: bool = True, fp8: bool = False
+) -> tuple[str, dict]:
+    """The float paths of this CPU, ours only, same random weights: float32 eager, float32 compiled (inductor with
+    weight freezing, blocks compiled as ``workbench.acceleration`` does), bfloat16 as ``prepare`` gives it (oneDNN
+    pre-packed where the CPU multiplies bfloat16 natively) and bfloat16 compiled; seconds per guided step (CPU
+    seconds, min and median of ``repeats``, interleaved), compile time, relative error against float32 eager; then
+    the fastest path and what "auto" (``acceleration.cpu_compile_pays``, ``memory.recommended_dtype``) picks.
+    ``compile=False`` leaves out the compiled rows (minutes of compiling); ``fp8`` adds the fp8 row, or the reason
+    it cannot run here."""
+    from workbench import acceleration, memory
+    from workbench.loading import build_transformer
+    from workbench.models.mmdit import MMDiTConfig
+
+    config = MMDiTConfig.from_dict(sd3_config(depth))
+    state = dict(random_state(config, 0))
+    paths: dict[str, Callable[[], torch.Tensor]] = {}
+    compile_seconds: dict[str, float] = {}
+    variants = [("fp32 eager", torch.float32, False), ("fp32 compiled", torch.float32, True)]
+    variants += [("bf16", torch.bfloat16, False), ("bf16 compiled", torch.bfloat16, True)]
+    variants = [v for v in variants if compile or not v[2]]
+    can_fp8, fp8_reason = acceleration.fp8_support(torch.device("cpu"))
+    if fp8 and can_fp8:  # not on a CPU today; kept so that the row appears where torchao gains CPU float8
+        variants.append(("fp8", torch.bfloat16, False))
+    for name, dtype, compiled in variants:
+        model = build_transformer(config, {k: v.to(dtype) for k, v in state.items()}, dtype, "benchmark")
+        if dtype == torch.bfloat16 and memory.cpu_has_bf16() and memory.packed_kernels_available() and not compiled:
+            memory.pack_linears(model)
+        if compiled:
+            acceleration.compile_transformer(model, torch.device("cpu"), None)
+        if name == "fp8":
+            acceleration.apply_fp8(model)
+        inputs = step_inputs(resolution, dtype)
+        paths[name] = lambda m=model, i=inputs: m(*i)
+        if compiled:
+            with torch.no_grad():
+                first = timed(paths[name])[1]
+                compile_seconds[name] = max(first - timed(paths[name])[1], 0.0)
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    with torch.no_grad():
+        reference = paths["fp32 eager"]().float()
+        errors = {name: relative_error(fn().float(), reference) for name, fn in paths.items()}
+        for _ in range(repeats):
+            for name, fn in paths.items():
+                samples[name].append(timed(fn)[0])
+    medians = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+    fastest = min(medians, key=medians.get)
+    pays, why = acceleration.cpu_compile_pays(memory.recommended_dtype("cpu"))
+    auto = ("bf16" if memory.recommended_dtype("cpu") == torch.bfloat16 else "fp32") + (" compiled" if pays else "")
+    auto = auto if auto in paths else auto + " eager"
+    rows = [
+        [
+            name,
+            _fmt(min(samples[name])),
+            _fmt(medians[name]),
+            _fmt(medians[name] / medians["fp32 eager"]),
+            _fmt(compile_seconds.get(name), 1) if name in compile_seconds else "–",
+            f"{errors[name]:.1e}",
+        ]
+        for name in paths
+    ]
+    title = (
+        f"### 1b. CPU paths: SD3-Medium width, depth {depth}, {resolution}², batch 2, {TEXT_TOKENS} text tokens "
+        f"({torch.get_num_threads()} thread(s), CPU seconds per guided step, min / median of {repeats})\n\n"
+        f"CPU: {cpu_name()}; native bfloat16: {memory.cpu_has_bf16()}. Fastest here: **{fastest}**; "
+        f'"auto" picks **{auto}** ({why}).\n\n' + ("" if not fp8 or can_fp8 else f"fp8: not run ({fp8_reason}).\n\n")
+    )
+    header = ["path", "min s/step", "median s/step", "vs fp32 eager", "compile s", "rel. error vs fp32"]
+    return title + table(header, rows), {"medians": medians, "compile": compile_seconds, "fastest": fastest}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``lscpu``'s "Model name"), or the platform's processor string."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def _contenders(theirs, ours, fast, inputs: tuple[torch.Tensor, ...]) -> dict[str, Callable[[], torch.Tensor]]:
     latents, embeds, pooled, timestep = inputs
     fns = {
@@ -684,9 +769,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=None, help="blocks of the reduced SD3-width model (default 2)")
     parser.add_argument("--resolution", type=int, default=None, help="image side for section 1 (default 512)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 3)")
-    parser.add_argument("--sections", default="1,2,3", help="comma-separated sections to run (1, 2, 3)")
+    parser.add_argument(
+        "--sections",
+        default="1,2,3",
+        help="comma-separated sections to run (1, 2, 3; cpu: the CPU paths table of 1 alone)",
+    )
     parser.add_argument(
         "--eval-n", type=int, default=None, help="ShapesWorld captions per precision (default 32; 0: timing only)"
+    )
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="compiled rows of the CPU paths table (auto/on: measured, minutes of compiling; off: left out)",
+    )
+    parser.add_argument(
+        "--fp8", default="off", choices=["auto", "on", "off"], help="fp8 row of the CPU paths table, where it runs"
     )
     parser.add_argument("--timeout-2b", type=float, default=1800.0, help="seconds allowed for the 2B nf4 step")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -703,6 +801,7 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats or (1 if quick else 3)
     sections = {s.strip() for s in args.sections.split(",")}
     eval_n = args.eval_n if args.eval_n is not None else (4 if quick else 32)
+    compile, fp8 = args.compile != "off", args.fp8 != "off"
     if eval_n < 0:
         raise ValueError(f"--eval-n must be ≥ 0 (0: timing only), got {eval_n}")
     started = time.perf_counter()
@@ -712,6 +811,7 @@ def run(args: argparse.Namespace) -> int:
         if "1" in sections:
             text, _ = section_speed(depth, resolution, repeats)
             print("\n" + text, flush=True)
+            print("\n" + section_cpu_paths(depth, resolution, repeats, compile, fp8)[0], flush=True)
             folder = write_folder(work / f"transformer-{depth}", depth)
             names = QUICK_PRECISIONS if quick else tuple(PRECISIONS)
             print("\n" + section_precisions(folder, depth, resolution, names, work), flush=True)
@@ -721,6 +821,8 @@ def run(args: argparse.Namespace) -> int:
             print(
                 "\n" + section_vae(512 if quick else 1024, ("decode",) if quick else ("decode", "encode")), flush=True
             )
+        if "cpu" in sections and "1" not in sections:
+            print("\n" + section_cpu_paths(depth, resolution, repeats, compile, fp8)[0], flush=True)
         if "2" in sections and not quick:
             print("\n" + section_2b(512, args.timeout_2b), flush=True)
         if "3" in sections:
