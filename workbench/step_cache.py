@@ -15,7 +15,8 @@ last step's) are always computed. ``threshold`` 0 computes everything through th
 The cached residual is ``blocks(tokens) − tokens`` ``(B, N, dim)``, the image stream after the last block minus its
 input. Each batch shape keeps its own state (a positive-only pass outside the guidance interval has half the rows).
 Skip-layer guidance passes do not use the cache. Evaluation indices are the sampler's velocity calls (one per step
-for euler and dpmpp_2m; two per step for heun, as in :class:`workbench.models.moe.RoutingRecord`).
+for euler and dpmpp_2m; two per step for heun, as in :class:`workbench.models.moe.RoutingRecord`). ControlNet
+residuals are computed lazily (:class:`workbench.controlnet.LazyControls`), so a skipped evaluation runs no ControlNet.
 """
 
 from __future__ import annotations
