@@ -54,6 +54,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lora-dir", action="append", default=[], help="an allowed LoRA folder (repeatable; $WORKBENCH_LORA_DIRS)"
     )
     parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a ControlNet (diffusers folder or .safetensors file) visitors may choose by name (repeatable)",
+    )
+    parser.add_argument(
+        "--controlnet-dir",
+        action="append",
+        default=[],
+        help="a folder of ControlNets visitors may choose by name (repeatable; $WORKBENCH_CONTROLNET_DIRS)",
+    )
+    parser.add_argument(
         "--auth", default=os.environ.get("WORKBENCH_AUTH"), help="user:password login (several: a,b; $WORKBENCH_AUTH)"
     )
     args, _unknown = parser.parse_known_args(argv)
@@ -70,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         allow_model_changes=args.allow_model_changes,
         model_dirs=args.model_dir,
         lora_dirs=args.lora_dir,
+        controlnets=args.controlnet,
+        controlnet_dirs=args.controlnet_dir,
     )
     demo = build_app(args.model, output_dir=args.outputs, policy=policy)
     demo.launch(

@@ -77,8 +77,8 @@ def build_controlnet(config: ControlNetConfig, state: dict[str, torch.Tensor], s
 
 
 def check_compatible(model: SD3ControlNet, pipe: Pipeline, name: str) -> None:
-    """ValueError naming both shapes unless the ControlNet's width (and, for one that uses the transformer's
-    ``pos_embed``, its patch size and channels) match the transformer's."""
+    """ValueError naming both shapes unless the ControlNet's width, its text widths (pooled, and the sequence's for
+    one with joint blocks) and its patch size and channels match the transformer's."""
     c, t = model.config, pipe.transformer.config
     if c.inner_dim != t.inner_dim:
         raise ValueError(
@@ -91,6 +91,15 @@ def check_compatible(model: SD3ControlNet, pipe: Pipeline, name: str) -> None:
             f"ControlNet {name!r} does not fit this transformer: patch size {c.patch_size} on {c.in_channels} latent "
             f"channels, the transformer's patch size {t.patch_size} on {t.in_channels}"
         )
+    text_width = t.joint_attention_dim if c.joint_attention_dim is None else c.joint_attention_dim
+    for what, mine, theirs in (
+        ("pooled text width", c.pooled_projection_dim, t.pooled_projection_dim),
+        ("text width", text_width, t.joint_attention_dim),
+    ):
+        if mine != theirs:
+            raise ValueError(
+                f"ControlNet {name!r} does not fit this transformer: its {what} is {mine}, the transformer's {theirs}"
+            )
     if c.extra_conditioning_channels:
         raise ValueError(
             f"ControlNet {name!r} takes {c.extra_conditioning_channels} extra conditioning channel(s) (an inpainting "

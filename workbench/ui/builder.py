@@ -3,7 +3,9 @@
 Tabs: Text → Image, Image → Image, Video frames, Experts, Flow, PNG info, Model. API endpoints (gradio_client):
 ``/text2img``, ``/img2img``, ``/frames`` and ``/png_info``; the streaming UI events are private.
 
-The hosting policy (:mod:`workbench.ui.hosting`) decides the Model tab (read-only in public mode, with no model
+Text → Image and Image → Image share one :class:`~workbench.ui.controlnet_panel.ControlNetLibrary` (the operator's
+ControlNets that fit the loaded model; refreshed when the model changes and when a page loads). The hosting policy
+(:mod:`workbench.ui.hosting`) decides the Model tab (read-only in public mode, with no model
 events at all), the queue's size, the per-session job limit, Gradio's cache cleaning and the image pixel limit;
 :mod:`workbench.ui.guard` checks every event's inputs on the server.
 """
@@ -17,6 +19,7 @@ import gradio as gr
 from workbench import Pipeline
 from workbench.limits import guard_image_pixels
 from workbench.ui import experts, flow_view, guard, img2img, model_tab, pnginfo, text2img, video
+from workbench.ui.controlnet_panel import ControlNetLibrary
 from workbench.ui.hosting import HostingPolicy
 from workbench.ui.session import Workbench
 
@@ -41,6 +44,7 @@ def build_app(
     limits = policy.limits
     guard_image_pixels(limits.max_image_pixels)
     wb = Workbench.create(pipe_or_path, output_dir, policy)
+    controlnets = ControlNetLibrary(policy.catalog.controlnets)
     cache = None if limits.output_max_age_s is None else (limits.cache_check_every_s, int(limits.output_max_age_s))
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=cache) as demo:
         gr.Markdown(INTRO)
@@ -49,9 +53,9 @@ def build_app(
         last_seed = gr.State(None)
         with gr.Tabs() as tabs:
             with gr.Tab("Text → Image", id="text2img"):
-                t2i = text2img.build(wb, last_seed)
+                t2i = text2img.build(wb, last_seed, controlnets)
             with gr.Tab("Image → Image", id="img2img"):
-                i2i = img2img.build(wb)
+                i2i = img2img.build(wb, controlnets)
             with gr.Tab("Video frames", id="frames"):
                 frames = video.build(wb)
             with gr.Tab("Experts", id="experts"):
@@ -68,7 +72,7 @@ def build_app(
 
         def model_updates(reset_values: bool) -> dict:
             updates: dict = {}
-            for part in (t2i.controls, i2i.controls, frames, experts_tab):
+            for part in (t2i.controls, i2i.controls, frames, experts_tab, t2i.controlnet, i2i.controlnet):
                 updates.update(part.model_updates(wb.pipe, reset_values))
             return updates
 
@@ -76,6 +80,16 @@ def build_app(
             model_tab.wire(model, wb, model_updates)
 
         pnginfo.wire_send(info, lambda: wb.pipe, t2i.controls, experts_tab, tabs)
+        if model.changeable:  # the model may have changed since the page was built: offer what fits it now
+            panels = (t2i.controlnet, i2i.controlnet)
+            demo.load(
+                lambda: {p.controlnet: gr.update(choices=p.choices(wb.pipe)) for p in panels},
+                None,
+                [p.controlnet for p in panels],
+                queue=False,
+                show_progress="hidden",
+                api_visibility="private",
+            )
     # api_open=False: queued events cannot be called directly (POST /gradio_api/run/…) past the queue's limits
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=limits.queue_max_size, api_open=not policy.public)
     guard.install(demo, limits)

@@ -1,5 +1,5 @@
 """Image → Image tab: a start image (uploaded or sent from a gallery), strength, an optional inpainting mask painted
-over a copy of the start image, the sampler settings of Text → Image; API ``/img2img``.
+over a copy of the start image, the sampler settings and the ControlNet section of Text → Image; API ``/img2img``.
 
 The mask editor (``gr.ImageEditor``) shows the start image as its background; every painted pixel of its brush layers
 (alpha > 0) is repainted, as a white pixel of diffusers' ``mask_image``; by default the start image is pasted back
@@ -18,6 +18,15 @@ import numpy as np
 from PIL import Image
 
 from workbench.metadata import parse_parameters
+from workbench.ui.controlnet_panel import (
+    CONTROL_DEFAULTS,
+    ControlNetLibrary,
+    ControlNetPanel,
+    ControlValues,
+    control_parameters,
+    control_request,
+    controlnet_panel,
+)
 from workbench.ui.controls import (
     SamplingControls,
     SamplingValues,
@@ -45,6 +54,7 @@ class Img2ImgTab:
     generate: gr.Button
     stop: gr.Button
     panel: ResultsPanel
+    controlnet: ControlNetPanel
 
 
 def _start_image(image: Image.Image | None) -> Image.Image:
@@ -117,12 +127,14 @@ def wire_send(panel: ResultsPanel, target: Img2ImgTab, tabs: gr.Tabs) -> None:
     )
 
 
-def api_function(wb: Workbench):
+def api_function(wb: Workbench, controlnets: ControlNetLibrary | None = None):
     """The plain ``/img2img`` endpoint: returns (gallery of PNG paths, first seed used, its parameters text)."""
     defaults = sampling_defaults(wb.pipe)
+    library = controlnets or ControlNetLibrary(wb.policy.catalog.controlnets)
 
     @GPU
     @sampling_parameters
+    @control_parameters
     def img2img(
         prompt: str,
         image: Image.Image | None,
@@ -131,21 +143,27 @@ def api_function(wb: Workbench):
         mask: dict | None = None,
         paste_back: bool = True,
         mask_blur: float = 4,
+        control: ControlValues = CONTROL_DEFAULTS,
     ) -> tuple[list[tuple[str, str]], int, str]:
         """Image → image from ``image`` (resized to width × height) with diffusers' ``strength`` semantics;
         inpainting where ``mask`` (the mask editor's value, see :func:`painted_mask`) is painted, with the start
-        image pasted back outside it when ``paste_back`` (edge feathered by ``mask_blur`` px)."""
+        image pasted back outside it when ``paste_back`` (edge feathered by ``mask_blur`` px). With a
+        ``control_image`` and a ``controlnet`` (a name), that ControlNet guides the image."""
         with page_errors("Image → Image"):
             kwargs = settings.kwargs()
             kwargs.update(_image_kwargs(image, strength, mask, paste_back, mask_blur))
-            results = publish(wb, wb.generate(prompt, **kwargs), "img2img")
+            request = control_request(wb, library, control)
+            with library.attached(wb, request):
+                out = wb.generate(prompt, **kwargs, **(request.kwargs if request else {}))
+            results = publish(wb, out, "img2img")
         return gallery_items(results), results[0]["seed"], results[0]["parameters"]
 
     return img2img
 
 
-def build(wb: Workbench) -> Img2ImgTab:
-    """Build the tab inside the current ``gr.Tab`` and wire its events."""
+def build(wb: Workbench, controlnets: ControlNetLibrary | None = None) -> Img2ImgTab:
+    """Build the tab inside the current ``gr.Tab`` and wire its events. ``controlnets``: the app's ControlNets
+    (default: those of ``wb``'s policy)."""
     with gr.Row():
         with gr.Column(scale=1):
             with gr.Row():
@@ -171,11 +189,14 @@ def build(wb: Workbench) -> Img2ImgTab:
             generate = gr.Button("Generate", variant="primary", elem_id="i2i-generate", render=False, size="lg")
             stop = stop_button("i2i-stop", render=False)
             controls = sampling_controls(wb.pipe, "i2i", prompt_side=[generate, stop])
+            library = controlnets or ControlNetLibrary(wb.policy.catalog.controlnets)
+            cn = controlnet_panel(wb, library, "i2i")
         with gr.Column(scale=1):
             panel = results_panel("i2i")
 
     @GPU
     @sampling_parameters
+    @control_parameters
     def run(
         prompt: str,
         image: Image.Image | None,
@@ -184,6 +205,7 @@ def build(wb: Workbench) -> Img2ImgTab:
         mask: dict | None,
         paste_back: bool,
         mask_blur: float,
+        control: ControlValues,
         history: list[dict],
         request: gr.Request,
     ) -> Iterator[dict]:
@@ -191,18 +213,21 @@ def build(wb: Workbench) -> Img2ImgTab:
             with page_errors("Image → Image"):
                 kwargs = settings.kwargs()
                 kwargs.update(_image_kwargs(image, strength, mask, paste_back, mask_blur))
+                wanted = control_request(wb, cn.library, control)
+                kwargs.update(wanted.kwargs if wanted else {})
                 key = run_key(request, TAB)
-                yield from stream_generation(wb, panel, key, "img2img", prompt, kwargs, history)
+                with cn.library.attached(wb, wanted):
+                    yield from stream_generation(wb, panel, key, "img2img", prompt, kwargs, history)
 
         yield from with_messages(panel.status, body())
 
     image.change(_mask_canvas, image, mask, queue=False, api_visibility="private")
-    inputs = [controls.prompt, image, strength, *controls.settings(), mask, paste_back, mask_blur]
+    inputs = [controls.prompt, image, strength, *controls.settings(), mask, paste_back, mask_blur, *cn.inputs()]
     wire_run(wb, TAB, generate, stop, panel.status, run, [*inputs, panel.history_results], panel.stream_outputs())
     controls.prompt.focus(None, None, None, js=ctrl_enter_js("i2i-prompt", "i2i-generate"), queue=False)
     gr.on(
         [],
-        api_function(wb),
+        api_function(wb, cn.library),
         inputs,
         [panel.gallery, panel.api_seed, panel.parameters],
         api_name="img2img",
@@ -215,4 +240,4 @@ def build(wb: Workbench) -> Img2ImgTab:
         queue=False,
         api_visibility="private",
     )
-    return Img2ImgTab(image, mask, paste_back, mask_blur, strength, controls, generate, stop, panel)
+    return Img2ImgTab(image, mask, paste_back, mask_blur, strength, controls, generate, stop, panel, cn)

@@ -178,25 +178,35 @@ class Workbench:
         if not self.policy.model_changes:
             raise NotAllowedError(MODEL_CHANGES_OFF)
 
-    def load(self, path: str | None, quantization: str | None = None, offload: str | None = None) -> Pipeline:
+    def load(
+        self,
+        path: str | None,
+        quantization: str | None = None,
+        offload: str | None = None,
+        text_encoders_from: str | None = None,
+    ) -> Pipeline:
         """Replace the pipeline with ``load_pipeline(path or embedded, …)``; the old one stays on any error. Refused
-        in public mode; ``path`` is a name from the allowed folders unless the policy takes free paths, and then a
-        failed load says only that the name could not be loaded (the reason goes to the server log)."""
+        in public mode; ``path`` (and ``text_encoders_from``, the folder that gives a GGUF transformer or a single
+        file its text encoders and VAE) are names from the allowed folders unless the policy takes free paths, and
+        then a failed load says only that the name could not be loaded (the reason goes to the server log)."""
         self._check_changes()
         path = (path or "").strip() or None
+        companion = (text_encoders_from or "").strip() or None
+        options = dict(device=self.device, quantization=quantization, offload=offload)
         if self.policy.free_paths:
             with self.lock:
-                pipe = load_pipeline(path, device=self.device, quantization=quantization, offload=offload)
+                pipe = load_pipeline(path, text_encoders_from=companion, **options)
                 self._watch_cancel(pipe)
                 self.pipe = pipe
             return pipe
         source = self.policy.catalog.model(path)
+        folder = self.policy.catalog.model_folder(companion) if companion else None
         from workbench import memory
 
         memory.check_options(quantization, offload)
         try:
             with self.lock:
-                pipe = load_pipeline(source, device=self.device, quantization=quantization, offload=offload)
+                pipe = load_pipeline(source, text_encoders_from=folder, **options)
                 self._watch_cancel(pipe)
                 self.pipe = pipe
         except Exception as err:
