@@ -22,10 +22,14 @@ def _losses(path, key):
     return [json.loads(line)[key] for line in path.read_text().splitlines() if key in json.loads(line)]
 
 
-def test_micro_training_learns_resumes_and_exports(tmp_path):
+def test_micro_training_learns_resumes_and_exports(tmp_path, monkeypatch):
+    from workbench.shapesworld import train
+
+    calibrate = train.calibrate_latent_scale  # the latent scale from 2 batches of 32 images instead of 8: enough here
+    monkeypatch.setattr(train, "calibrate_latent_scale", lambda vae, config: calibrate(vae, config, batches=2))
     spec = ShapesWorldSpec.micro()
     run = tmp_path / "run"
-    vae_config = TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup=5, checkpoint_every=20, threads=1)
+    vae_config = TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup=5, checkpoint_every=10, threads=1)
     train_vae(run, spec, vae_config, progress=False)
     rec = _losses(run / "vae_log.jsonl", "rec")
     assert sum(rec[-5:]) / 5 < 0.8 * sum(rec[:5]) / 5
@@ -91,11 +95,11 @@ def test_binding_terms_train_and_are_logged(tmp_path):
     torch.manual_seed(0)
     vae = AutoencoderKL(spec.vae_config()).eval().requires_grad_(False)
     config = TrainConfig(
-        steps=40,
+        steps=20,
         batch_size=8,
         lr=3e-3,
         warmup=2,
-        checkpoint_every=40,
+        checkpoint_every=20,
         threads=1,
         two_object_share=1.0,
         token_loss_weight=5.0,
@@ -105,11 +109,11 @@ def test_binding_terms_train_and_are_logged(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "transformer_log.jsonl").read_text().splitlines()]
     token = [row["token"] for row in lines if "token" in row]
     negative = [row["negative"] for row in lines if "negative" in row]
-    assert len(token) == len(negative) == 40
+    assert len(token) == len(negative) == 20
     assert all(0 <= value <= 1 for value in token)
     assert sum(token[-5:]) / 5 < 0.9 * sum(token[:5]) / 5, "the attention moves onto each object's mask"
     assert any(value > 0 for value in negative)
-    assert [row["run"]["images"] for row in lines if "run" in row] == [320]
+    assert [row["run"]["images"] for row in lines if "run" in row] == [160]
     # The torch renderer draws the scenes (and captions) of the PIL batches of the same step.
     batch = next(train_batches(3, TrainConfig(batch_size=4)))
     assert batch.captions == [s.caption for s in batch_scenes(3, TrainConfig(batch_size=4))]
