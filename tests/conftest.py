@@ -26,6 +26,15 @@ def tiny_sd3_folder(tmp_path_factory):
     return folder, pipe
 
 
+@pytest.fixture(scope="session")
+def embedded_pipeline():
+    """The embedded ShapesWorld model (``load_pipeline()``), loaded once for the session. Shared: tests use it as
+    loaded (no LoRAs, offload or other preparation left on it); a test that changes it loads its own."""
+    from workbench import load_pipeline
+
+    return load_pipeline()
+
+
 CI_REQUIRED_SKIPS = ("could not import", "chromium")
 """Skip reasons that mean a missing dev dependency or browser: failures under CI=true (``.ci/run`` installs them)."""
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from workbench import GenerationCancelled, load_pipeline
+from workbench import GenerationCancelled
 from workbench.__main__ import main
 from workbench.frames import frame_consistency, frame_positions, make_frames, slerp, write_video
 from workbench.metadata import read_parameters
@@ -22,8 +22,8 @@ QUICK = dict(num_inference_steps=2, height=96, width=96)
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline()
+def pipe(embedded_pipeline):
+    return embedded_pipeline
 
 
 def _max_pixel_difference(a: Image.Image, b: Image.Image) -> int:

@@ -331,10 +331,10 @@ def test_fuse_bakes_the_loras_in_and_unfuse_restores(tiny_sd3_folder, tmp_path):
     assert not quantized.loras.fused
 
 
-def test_shapesworld_eval_takes_a_lora(tmp_path):
+def test_shapesworld_eval_takes_a_lora(tmp_path, embedded_pipeline):
     from workbench.shapesworld.__main__ import main
 
-    modules = dict(load_pipeline().transformer.named_modules())
+    modules = dict(embedded_pipeline.transformer.named_modules())
     shapes = {}
     for name in ("attn.to_q", "attn.to_k", "attn.add_v_proj"):
         module = modules[f"transformer_blocks.0.{name}"]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from workbench import load_pipeline, settings, sweep
+from workbench import settings, sweep
 from workbench.cli.common import add_sampling_arguments, sampling_kwargs
 from workbench.metadata import KEY_ORDER, format_parameters, parse_parameters
 from workbench.settings import MAX_SEED, SETTINGS, GenerationDefaults, GenerationSettings
@@ -15,8 +15,8 @@ FLOATS = [s.name for s in SETTINGS if s.kind == "float"]
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline()
+def pipe(embedded_pipeline):
+    return embedded_pipeline
 
 
 @pytest.mark.parametrize("name", FLOATS)

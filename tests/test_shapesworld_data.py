@@ -268,11 +268,9 @@ def test_evaluator_scores_the_dataset_renders(size):
         assert min(accuracy.values()) >= 0.99, ev.format_table(results)
 
 
-def test_the_shipped_vae_keeps_what_the_evaluator_reads():
+def test_the_shipped_vae_keeps_what_the_evaluator_reads(embedded_pipeline):
     """The latent space is no ceiling: renders passed through the embedded model's VAE still score ≥ 99 %."""
-    from workbench import load_pipeline
-
-    vae = load_pipeline().vae
+    vae = embedded_pipeline.vae
     caption = ["a large red circle at the top left on a white background"]
     render = np.asarray(ev.render_generate_fn()(caption, [0])[0], dtype=np.float32)
     round_trip = np.asarray(ev.through_vae(ev.render_generate_fn(), vae)(caption, [0])[0], dtype=np.float32)
