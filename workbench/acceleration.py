@@ -15,7 +15,8 @@ this order:
   outside the blocks (the step cache's decision, routing records, ControlNet residuals) stays eager, so those
   features keep working. Block inputs are tensors of fixed shape (the timestep enters as the conditioning tensor),
   so a generation compiles once per (batch, size) and never between steps. CUDA uses ``mode`` (default
-  "max-autotune-no-cudagraphs"; "reduce-overhead" adds CUDA graphs); the CPU uses inductor's weight freezing
+  "max-autotune-no-cudagraphs"; "reduce-overhead" adds CUDA graphs; the VAE decoder, run once per image, uses the
+  default mode); the CPU uses inductor's weight freezing
   (constant folding and oneDNN weight prepacking; inference under ``torch.no_grad``).
 
 "auto" means: compile on CUDA; on the CPU only where :func:`cpu_compile_pays` says so (the rule measured by
@@ -102,14 +103,13 @@ def check_switch(value: object, name: str) -> bool | str:
 
 def cpu_compile_pays(dtype: torch.dtype) -> tuple[bool, str]:
     """Whether "auto" compiles on this CPU for ``dtype``, and why. Measured with ``benchmarks/bench.py --sections
-    cpu`` (SD3 width, depth 2, 512², guided step, README "Speed"): on a 2-core AMD EPYC without AMX, inductor with
-    freezing ran a float32 step at the speed of eager float32 (its matmuls are the same oneDNN/MKL calls; the fused
-    elementwise ops are a small share of a step) while compiling took minutes, and bfloat16 (oneDNN-packed on
-    AVX512-BF16) was the fastest path with or without compile. So the CPU rule is: never compile by default; the
-    user may still ask with ``compile=True``."""
+    cpu`` (SD3 width, depth 2, 512², guided step; README "Compile and fp8"): on a 2-core AMD EPYC with AVX512-BF16
+    and without AMX, inductor with freezing made a float32 step 4 % faster after about 30 s of compiling (some 225
+    steps to break even) and made the bfloat16 step (oneDNN-packed linears, the fastest path there) slower. So the
+    CPU rule is: never compile by default; ``compile=True`` still does."""
     return False, (
-        "auto: not on the CPU (measured: inductor does not beat the eager float32/bfloat16 step by enough to repay "
-        "its compile time; ask with compile=True)"
+        "auto: not on the CPU (measured: the compiled step is at most a few % faster than the eager float32 or "
+        "packed bfloat16 step, not worth the compile time; ask with compile=True)"
     )
 
 
@@ -205,7 +205,10 @@ def prefer_sdpa_backend(module: nn.Module, backend: str) -> None:
     contexts: list = []
 
     def enter(*_args) -> None:
-        context = sdpa_kernel(order, set_priority=True)
+        try:
+            context = sdpa_kernel(order, set_priority=True)
+        except TypeError:  # torch < 2.6: no priorities; the order then only lists the allowed backends
+            context = sdpa_kernel(order)
         context.__enter__()
         contexts.append(context)
 
@@ -230,7 +233,12 @@ def compile_module(module: nn.Module, device: torch.device, mode: str | None) ->
 
 
 def compile_transformer(transformer: nn.Module, device: torch.device, mode: str | None) -> int:
-    """Compile each transformer block (regional compilation); returns how many."""
+    """Compile each transformer block (regional compilation); returns how many. Identical blocks share a graph;
+    each kind of block (joint, dual-attention, the last one), batch and size gets its own, so dynamo's recompile
+    limit (8 per function) is raised to 64 for SD3.5's three kinds × CFG / positive-only × a few sizes."""
+    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    if limit is not None and limit < 64:
+        torch._dynamo.config.recompile_limit = 64
     blocks = list(getattr(transformer, "transformer_blocks", ()))
     for block in blocks:
         compile_module(block, device, mode)
@@ -310,7 +318,7 @@ def accelerate_pipeline(
         if compile_transformer(transformer, device, cuda_mode):
             report.compiled.append("transformer blocks")
         if compile_vae if compile_vae is not None else True:
-            compile_module(pipe.vae.decoder, device, "max-autotune-no-cudagraphs" if cuda_mode else None)
+            compile_module(pipe.vae.decoder, device, None)  # once per image: inductor's default mode compiles faster
             report.compiled.append("vae decoder")
     pipe.acceleration = report
     return report
