@@ -24,6 +24,7 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         layers=args.layers,
+        time_shift=args.time_shift,
         two_object_share=args.two_object_share,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
@@ -76,12 +77,20 @@ def add_controlnet_commands(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--model", default=str(EMBEDDED_MODEL), help="the frozen model (default: the embedded one)")
     train.add_argument("--run", default="runs/controlnet-canny", help="checkpoint folder")
-    train.add_argument("--steps", type=int, default=3000)
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--lr", type=float, default=3e-4)
-    train.add_argument("--layers", type=int, default=2, help="ControlNet blocks, copied from the transformer's first")
-    train.add_argument("--two-object-share", type=float, default=0.5)
-    train.add_argument("--checkpoint-every", type=int, default=50)
+    from workbench.shapesworld.controlnet_training import ControlNetTrainConfig
+
+    defaults = ControlNetTrainConfig()
+    train.add_argument("--steps", type=int, default=defaults.steps)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument(
+        "--layers", type=int, default=defaults.layers, help="ControlNet blocks, copied from the transformer's first"
+    )
+    train.add_argument(
+        "--time-shift", type=float, default=defaults.time_shift, help="shift of the training times towards noise"
+    )
+    train.add_argument("--two-object-share", type=float, default=defaults.two_object_share)
+    train.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=None)
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

@@ -3,11 +3,14 @@
 Layout: an SD3 ControlNet (diffusers' ``SD3ControlNetModel`` keys, :mod:`workbench.models.controlnet`) with its own
 ``pos_embed`` and joint text blocks, zero pooled text (``force_zeros_for_pooled_projection``, as InstantX's SD3
 ControlNets), ``layers`` blocks (2 by default; each residual then feeds three of the transformer's six blocks).
-Initialisation, as ControlNet papers do: position, time/text embedders and the first ``layers`` blocks are copied
-from the transformer (an MoE block's feed-forward from its expert 0), ``pos_embed_input`` and the residual heads
-``controlnet_blocks`` start at zero, so the untrained ControlNet changes nothing.
+Initialisation: position, time/text embedders and the first ``layers`` blocks are copied from the transformer (an
+MoE block's feed-forward from its expert 0) and the residual heads ``controlnet_blocks`` start at zero, so the
+untrained ControlNet changes nothing. Unlike diffusers' ``SD3ControlNetModel``, ``pos_embed_input`` starts at
+PyTorch's default (random) initialisation, not at zero: with both zero, the input projection gets no gradient until
+the heads have grown, and on a CPU budget of a few hundred steps that wait is most of the run.
 
-Training: rectified flow as the transformer's own (:func:`workbench.shapesworld.train.flow_inputs`), transformer,
+Training: rectified flow as the transformer's own (:func:`workbench.shapesworld.train.flow_inputs`) but with the
+times shifted towards noise (``time_shift`` 3: where the layout is decided, which is what the edges give), transformer,
 text encoders and VAE frozen; the control image is ``preprocess.canny`` of the rendered scene (the preprocessor a
 user picks in the app or CLI), encoded as the pipeline encodes it (:meth:`ControlNetSet.control_latents`: posterior
 mean × scaling factor, no shift). Caption dropout keeps classifier-free guidance working with a ControlNet attached.
@@ -58,14 +61,15 @@ class ControlNetTrainConfig:
     """Hyper-parameters of a ControlNet run; stored beside its checkpoint."""
 
     steps: int = 3000
-    batch_size: int = 16
-    lr: float = 3e-4
-    warmup: int = 50
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
     layers: int = 2
+    time_shift: float = 3.0
     two_object_share: float | None = 0.5
     checkpoint_every: int = 50
     seed: int = 0
@@ -97,9 +101,12 @@ def controlnet_config_for(transformer: MMDiT, layers: int) -> ControlNetConfig:
     )
 
 
-def controlnet_from_transformer(transformer: MMDiT, layers: int = 2) -> SD3ControlNet:
-    """A ControlNet initialised from ``transformer`` (see the module docstring); its output is zero until trained."""
-    model = SD3ControlNet(controlnet_config_for(transformer, layers))
+def controlnet_from_transformer(transformer: MMDiT, layers: int = 2, seed: int = 0) -> SD3ControlNet:
+    """A ControlNet initialised from ``transformer`` (see the module docstring; ``seed`` draws the random
+    ``pos_embed_input``); its output is zero until trained."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SD3ControlNet(controlnet_config_for(transformer, layers))
     source = transformer.state_dict()
     state = model.state_dict()
     for key in state:
@@ -111,7 +118,7 @@ def controlnet_from_transformer(transformer: MMDiT, layers: int = 2) -> SD3Contr
         if origin in source and source[origin].shape == state[key].shape:
             state[key] = source[origin].clone()
     for key in state:
-        if key.startswith(("controlnet_blocks.", "pos_embed_input.")):
+        if key.startswith("controlnet_blocks."):
             state[key] = torch.zeros_like(state[key])
     model.load_state_dict(state)
     return model
@@ -153,7 +160,7 @@ def train_controlnet(
     pipe.transformer.requires_grad_(False).eval()
     pipe.text_encoders.requires_grad_(False).eval()
     pipe.vae.requires_grad_(False).eval()
-    model = controlnet_from_transformer(pipe.transformer, config.layers)
+    model = controlnet_from_transformer(pipe.transformer, config.layers, config.seed)
     tensors, start = _checkpoint(run)
     if tensors:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -187,7 +194,7 @@ def train_controlnet(
             control = vae.encode(edges.to(device)).mode().float() * scaling
             embeds, pooled = pipe.text_encoders.embed(captions, pipe.text_encoders.t5_sequence_length())
         with _autocast(bf16, device.type):
-            x_t, t, target = flow_inputs(latents, patch, generator)
+            x_t, t, target = flow_inputs(latents, patch, generator, config.time_shift)
             timestep = t * 1000
             controls = model(x_t, control, embeds, torch.zeros_like(pooled), timestep)
             prediction = pipe.transformer(x_t, embeds, pooled, timestep, block_controls=controls).float()
@@ -229,7 +236,7 @@ def load_run_controlnet(model_dir: Path, run: Path) -> tuple[Pipeline, SD3Contro
     """The pipeline of ``model_dir`` and the run's ControlNet with its EMA weights."""
     meta = json.loads((run / f"{STAGE}.json").read_text())
     pipe = load_pipeline(model_dir, dtype=torch.float32)
-    model = controlnet_from_transformer(pipe.transformer, meta["config"]["layers"])
+    model = controlnet_from_transformer(pipe.transformer, meta["config"]["layers"], meta["config"]["seed"])
     tensors = load_file(str(run / f"{STAGE}.safetensors"))
     model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     return pipe, model.eval().requires_grad_(False)

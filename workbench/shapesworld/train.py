@@ -439,20 +439,21 @@ def hard_negatives(captions: list[str], rng: random.Random) -> list[tuple[int, s
     return out
 
 
-def sample_timesteps(batch: int, tokens: int, generator: torch.Generator) -> torch.Tensor:
-    """Logit-normal(0, 1) times, shifted for resolution with ``s = sqrt(tokens / 64)``."""
+def sample_timesteps(batch: int, tokens: int, generator: torch.Generator, shift: float = 1.0) -> torch.Tensor:
+    """Logit-normal(0, 1) times, shifted for resolution with ``s = shift · sqrt(tokens / 64)`` (``shift`` > 1 puts
+    more of them at high noise)."""
     t = torch.sigmoid(torch.randn(batch, generator=generator, device=generator.device))
-    s = math.sqrt(tokens / 64)
+    s = shift * math.sqrt(tokens / 64)
     return s * t / (1 + (s - 1) * t)
 
 
 def flow_inputs(
-    latents: torch.Tensor, patch_size: int, generator: torch.Generator
+    latents: torch.Tensor, patch_size: int, generator: torch.Generator, shift: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x_t, t, target)`` for clean latents ``(B, C, H, W)``: logit-normal shifted t, ``x_t = (1 − t)·x0 + t·ε``,
-    ``target = ε − x0``."""
+    """``(x_t, t, target)`` for clean latents ``(B, C, H, W)``: logit-normal shifted t (:func:`sample_timesteps`),
+    ``x_t = (1 − t)·x0 + t·ε``, ``target = ε − x0``."""
     tokens = latents.shape[-2] * latents.shape[-1] // patch_size**2
-    t = sample_timesteps(latents.shape[0], tokens, generator)
+    t = sample_timesteps(latents.shape[0], tokens, generator, shift)
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
     x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
     return x_t, t, noise - latents
