@@ -19,6 +19,7 @@ from workbench.shapesworld.controlnet_training import (
     controlled_generate_fn,
     controlnet_from_transformer,
     edge_images,
+    outline_drawing,
     save_controlnet,
     scene_edges,
     train_controlnet,
@@ -67,6 +68,17 @@ def test_edge_images_mark_the_object_outline():
     on = (edges[0, 0] > 0).nonzero().float()
     assert 30 < on[:, 0].mean() < 66 and 30 < on[:, 1].mean() < 66  # around the centre
     assert not (edges[0, 0, 40:56, 40:56] > 0).any()  # the inside of the square has no edges
+
+
+def test_outline_drawings_are_strokes_around_the_objects():
+    scene = scene_from_caption("a large red star at the top left on a black background", random.Random(2), 128, 128)
+    drawing = np.asarray(outline_drawing(scene.objects, 128, 128, stroke=3))
+    ink = drawing[:, :, 0] < 128
+    spec = scene.objects[0]
+    ys, xs = np.nonzero(ink)
+    assert abs(xs.mean() - spec.cx * 128) < 6 and abs(ys.mean() - spec.cy * 128) < 8
+    assert not ink[int(spec.cy * 128), int(spec.cx * 128)]  # an outline: the centre stays white
+    assert (drawing[~ink] == 255).all()
 
 
 def test_training_writes_resumable_checkpoints_and_exports(embedded, tmp_path):

@@ -25,6 +25,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         layers=args.layers,
         time_shift=args.time_shift,
+        sketch_share=args.sketch_share,
         two_object_share=args.two_object_share,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
@@ -90,6 +91,12 @@ def add_controlnet_commands(commands: argparse._SubParsersAction) -> None:
         "--time-shift", type=float, default=defaults.time_shift, help="shift of the training times towards noise"
     )
     train.add_argument("--two-object-share", type=float, default=defaults.two_object_share)
+    train.add_argument(
+        "--sketch-share",
+        type=float,
+        default=defaults.sketch_share,
+        help="share of control images made from outline drawings instead of the rendered scene",
+    )
     train.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=None)

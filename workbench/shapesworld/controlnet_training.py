@@ -10,11 +10,12 @@ PyTorch's default (random) initialisation, not at zero: with both zero, the inpu
 the heads have grown, and on a CPU budget of a few hundred steps that wait is most of the run.
 
 Training: rectified flow as the transformer's own (:func:`workbench.shapesworld.train.flow_inputs`) but with the
-times shifted towards noise (``time_shift`` 3: where the layout is decided, which is what the edges give), transformer,
-text encoders and VAE frozen; the control image is ``preprocess.canny`` of the rendered scene (the preprocessor a
-user picks in the app or CLI), encoded as the pipeline encodes it (:meth:`ControlNetSet.control_latents`: posterior
-mean × scaling factor, no shift). Caption dropout keeps classifier-free guidance working with a ControlNet attached.
-Checkpoints (weights, EMA, optimizer, step) go to ``run/controlnet.safetensors`` + ``.json`` so a run resumes.
+times shifted towards noise (``time_shift`` 3: where the layout is decided, which is what the edges give);
+transformer, text encoders and VAE frozen. The control image is ``preprocess.canny`` (the preprocessor a user picks
+in the app or CLI) of the rendered scene, or of an outline drawing of its objects (:func:`outline_drawing`),
+encoded as the pipeline encodes it (:meth:`ControlNetSet.control_latents`: posterior mean × scaling factor, no
+shift). Caption dropout keeps classifier-free guidance working with a ControlNet attached. Checkpoints (weights,
+EMA, optimizer, step) go to ``run/controlnet.safetensors`` + ``.json`` so a run resumes.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -48,7 +50,14 @@ from workbench.shapesworld.train import (
     cpu_has_fast_bf16,
     flow_inputs,
 )
-from workbench.shapesworld.world import make_batch, render, scene_from_caption
+from workbench.shapesworld.world import (
+    ShapeSpec,
+    images_to_tensor,
+    render,
+    sample_batch_scenes,
+    scene_from_caption,
+    shape_polygon,
+)
 
 STAGE = "controlnet"
 CANVASES = tuple(size for size in SIZES if max(size) <= 128)
@@ -70,6 +79,7 @@ class ControlNetTrainConfig:
     caption_dropout: float = 0.1
     layers: int = 2
     time_shift: float = 3.0
+    sketch_share: float = 0.3
     two_object_share: float | None = 0.5
     checkpoint_every: int = 50
     seed: int = 0
@@ -130,14 +140,37 @@ def edge_images(pixels: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack(edges)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def outline_drawing(objects: Sequence[ShapeSpec], height: int, width: int, stroke: int = 3) -> Image.Image:
+    """The objects' outlines in black strokes of ``stroke`` px on white, as a user draws them with the app's brush
+    (its Canny edges are two parallel contours, where a rendered scene's are one)."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for spec in objects:
+        r = spec.r * min(height, width)
+        x, y = spec.cx * width, spec.cy * height
+        if spec.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), outline="black", width=stroke)
+        else:
+            points = shape_polygon(spec.shape, x, y, r)
+            draw.line(points + points[:1], fill="black", width=stroke, joint="curve")
+    return image
+
+
 def _batch(step: int, config: ControlNetTrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Step ``step``'s scenes (canonical captions, a random canvas size): images and edges in [−1, 1], captions."""
+    """Step ``step``'s scenes (canonical captions, a random canvas size): images and control images in [−1, 1]
+    (the Canny edges of the render, or with probability ``config.sketch_share`` of an outline drawing of the same
+    objects, strokes 2–4 px), captions."""
     seed = config.seed * 1_000_003 + step + 77_000_000
-    height, width = CANVASES[random.Random(seed).randrange(len(CANVASES))]
-    pixels, captions = make_batch(
-        seed, config.batch_size, height, width, "canonical", uint8=True, two_object_share=config.two_object_share
-    )
-    return pixels.float() / 127.5 - 1.0, edge_images(pixels), captions
+    rng = random.Random(seed)
+    height, width = CANVASES[rng.randrange(len(CANVASES))]
+    scenes = sample_batch_scenes(seed, config.batch_size, height, width, "canonical", config.two_object_share)
+    renders = [render(scene) for scene in scenes]
+    controls = [
+        outline_drawing(scene.objects, height, width, rng.randint(2, 4)) if rng.random() < config.sketch_share else r
+        for scene, r in zip(scenes, renders)
+    ]
+    pixels = images_to_tensor(renders)
+    return pixels, edge_images(images_to_tensor(controls, uint8=True)), [scene.caption for scene in scenes]
 
 
 def _checkpoint(run: Path) -> tuple[dict[str, torch.Tensor], int]:
