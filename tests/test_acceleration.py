@@ -210,21 +210,7 @@ def test_compiled_pipeline_equals_eager_and_reports_compile_time(monkeypatch):
 def _counting_controlnet(pipe) -> list[int]:
     """Attach a random ControlNet of the transformer's width; returns a list whose length counts its forwards."""
     t = pipe.transformer.config
-    config = ControlNetConfig.from_dict(
-        dict(
-            sample_size=t.sample_size,
-            patch_size=t.patch_size,
-            in_channels=t.in_channels,
-            num_layers=1,
-            attention_head_dim=t.attention_head_dim,
-            num_attention_heads=t.num_attention_heads,
-            joint_attention_dim=t.joint_attention_dim,
-            caption_projection_dim=t.caption_projection_dim,
-            pooled_projection_dim=t.pooled_projection_dim,
-            out_channels=t.out_channels,
-            pos_embed_max_size=t.pos_embed_max_size,
-        )  # fmt: skip
-    )
+    config = ControlNetConfig.matching(t, num_layers=1)
     torch.manual_seed(4)
     model = _noisy(SD3ControlNet(config), 5, scale=0.1)
     calls: list[int] = []

@@ -74,6 +74,26 @@ class ControlNetConfig:
         extra = {k: v for k, v in data.items() if k not in known and not k.startswith("_")}
         return cls(**kwargs, extra=extra)
 
+    @classmethod
+    def matching(cls, transformer: MMDiTConfig, num_layers: int) -> ControlNetConfig:
+        """An SD3-layout ControlNet (own ``pos_embed``, joint text blocks, zero pooled text) of ``num_layers`` blocks
+        that fits ``transformer``: same width, patching, latent channels, text widths and position table."""
+        t = transformer
+        return cls(
+            sample_size=t.sample_size,
+            patch_size=t.patch_size,
+            in_channels=t.in_channels,
+            num_layers=num_layers,
+            attention_head_dim=t.attention_head_dim,
+            num_attention_heads=t.num_attention_heads,
+            joint_attention_dim=t.joint_attention_dim,
+            caption_projection_dim=t.caption_projection_dim,
+            pooled_projection_dim=t.pooled_projection_dim,
+            out_channels=t.out_channels,
+            pos_embed_max_size=t.pos_embed_max_size,
+            force_zeros_for_pooled_projection=True,
+        )
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("extra")

@@ -95,20 +95,7 @@ def controlnet_config_for(transformer: MMDiT, layers: int) -> ControlNetConfig:
     if not 1 <= layers <= t.num_layers - 1:
         limit = t.num_layers - 1
         raise ValueError(f"layers must be in [1, {limit}] for a {t.num_layers}-block transformer, got {layers}")
-    return ControlNetConfig(
-        sample_size=t.sample_size,
-        patch_size=t.patch_size,
-        in_channels=t.in_channels,
-        num_layers=layers,
-        attention_head_dim=t.attention_head_dim,
-        num_attention_heads=t.num_attention_heads,
-        joint_attention_dim=t.joint_attention_dim,
-        caption_projection_dim=t.caption_projection_dim,
-        pooled_projection_dim=t.pooled_projection_dim,
-        out_channels=t.out_channels,
-        pos_embed_max_size=t.pos_embed_max_size,
-        force_zeros_for_pooled_projection=True,
-    )
+    return ControlNetConfig.matching(t, layers)
 
 
 def controlnet_from_transformer(transformer: MMDiT, layers: int = 2, seed: int = 0) -> SD3ControlNet:
