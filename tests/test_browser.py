@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 from test_app import launch_app
 
+from workbench.shapesworld.cli_controlnet import EMBEDDED_CONTROLNET
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -496,3 +498,32 @@ def test_history_reuse_seed_and_download(page):
     with page.expect_download() as download:
         page.locator("#t2i-download").first.click()
     assert download.value.suggested_filename.endswith(".png")
+
+
+@pytest.mark.skipif(not EMBEDDED_CONTROLNET.is_dir(), reason="no shipped ShapesWorld ControlNet in this checkout")
+def test_draw_an_outline_and_generate_with_the_shipped_controlnet(page):
+    """The ControlNet section end to end as a user meets it: pick the brush, draw a stroke on the canvas, see the
+    Canny preview, choose the shipped ControlNet, generate; the PNG parameters name it and its preprocessor."""
+    open_accordion(page, "t2i-controlnet")
+    editor = page.locator("#t2i-control-image")
+    editor.get_by_label("Brush").first.click()
+    canvas = editor.locator("canvas").first
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    for k in range(1, 21):
+        page.mouse.move(box["x"] + box["width"] * (0.3 + 0.02 * k), box["y"] + box["height"] * 0.3, steps=2)
+    page.mouse.up()
+    page.locator("#t2i-control-preview img").first.wait_for(state="visible")
+    edges = image_pixels(page, "#t2i-control-preview img")
+    assert edges.max() == 255 and (edges > 0).mean() < 0.2  # white Canny edges around the stroke on black
+    page.locator("#t2i-controlnet-name").click()
+    page.get_by_role("option", name=EMBEDDED_CONTROLNET.name).click()
+    set_number(page, "t2i-steps", 4)
+    page.locator("#t2i-generate").click()
+    wait_for_text(page, "t2i-status", "Done")
+    page.screenshot(path=str(ARTIFACTS / "browser-controlnet.png"), full_page=True)
+    parameters = page.locator("#t2i-parameters textarea").input_value()
+    assert f'ControlNet: "{EMBEDDED_CONTROLNET.name}:1:' in parameters
+    assert "ControlNet preprocessor: canny" in parameters
+    assert not error_badges(page)

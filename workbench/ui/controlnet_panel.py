@@ -320,7 +320,7 @@ def controlnet_panel(wb: Workbench, library: ControlNetLibrary, prefix: str) -> 
                 sources=("upload", "clipboard"),
                 transforms=(),
                 layers=False,
-                brush=gr.Brush(colors=["#000000", "#ffffff"], default_size=6, color_mode="fixed"),
+                brush=gr.Brush(colors=["#000000", "#ffffff"], default_size=12, color_mode="fixed"),
                 canvas_size=(512, 512),
                 format="png",
                 height=256,

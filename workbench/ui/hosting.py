@@ -147,12 +147,13 @@ def _shown(name: str) -> str:
 @dataclass(frozen=True)
 class HostingPolicy:
     """``public``: reachable by anonymous visitors; ``model_changes``: the Model tab may load, quantize and attach
-    LoRAs; ``free_paths``: models and LoRAs may be typed as paths (only on localhost in private mode)."""
+    LoRAs; ``free_paths``: models and LoRAs may be typed as paths (only on localhost in private mode); ``catalog``
+    (default :func:`shipped_catalog`): what may be chosen by name."""
 
     public: bool = False
     model_changes: bool = True
     free_paths: bool = True
-    catalog: Catalog = field(default_factory=Catalog)
+    catalog: Catalog = field(default_factory=lambda: shipped_catalog())
     limits: Limits = field(default_factory=Limits.local)
 
     @property
@@ -168,6 +169,12 @@ def default_model_dirs() -> list[Path]:
 def shipped_controlnets() -> list[Path]:
     """The ControlNet folders shipped in ``models/`` (:data:`SHIPPED_CONTROLNETS`, with ``config.json``)."""
     return sorted(p for p in default_model_dirs()[0].glob(SHIPPED_CONTROLNETS) if (p / "config.json").is_file())
+
+
+def shipped_catalog() -> Catalog:
+    """The catalog of an app built without a policy (``build_app(…)`` in a notebook or a test): no model folders,
+    the shipped ControlNets."""
+    return Catalog(controlnets={path.name: path for path in shipped_controlnets()})
 
 
 def resolve_policy(
