@@ -98,8 +98,14 @@ def test_generate_command_takes_every_flag_of_the_settings_with_their_defaults(p
     --mask-blur included), with the settings' defaults and help texts, and passes them on as keywords."""
     from workbench.cli import generate
 
-    assert {s.cli_needs for s in SETTINGS if s.cli_needs} == {"--init-image", "--mask"}
-    assert {s.name for s in SETTINGS if s.cli_needs} == {"strength", "mask_blur"}
+    assert {s.cli_needs for s in SETTINGS if s.cli_needs} == {"--init-image", "--mask", "--control"}
+    assert {s.name for s in SETTINGS if s.cli_needs} == {
+        "strength",
+        "mask_blur",
+        "controlnet_conditioning_scale",
+        "control_guidance_start",
+        "control_guidance_end",
+    }
     parser = argparse.ArgumentParser()
     generate.register(parser.add_subparsers())
     sub = parser._subparsers._group_actions[0].choices["generate"]
@@ -115,6 +121,13 @@ def test_generate_command_takes_every_flag_of_the_settings_with_their_defaults(p
     assert helps["mask_blur"].startswith(settings.setting("mask_blur").help)
     given = sampling_kwargs(sub.parse_args(["--prompt", "x", "--strength", "0.3", "--mask-blur", "4"]), generate.INPUTS)
     assert (given["strength"], given["mask_blur"]) == (0.3, 4.0)
+    control = ["--prompt", "x", "--controlnet-scale", "0.5", "--control-start", "0.1", "--control-end", "0.6"]
+    given = sampling_kwargs(sub.parse_args(control), generate.INPUTS)
+    assert [given[k] for k in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")] == [
+        0.5,
+        0.1,
+        0.6,
+    ]
 
 
 def test_frames_command_keeps_its_own_strength_flag():

@@ -92,8 +92,8 @@ class Setting:
     sigmas in [0, 1]), ``blocks`` (a non-empty list of block indices), ``weights`` (expert weights: one list, or a
     mapping block → list) or ``seed``. Numbers lie in ``[low, high]`` (``(low, high]`` with ``open_low``).
     ``cli``: the shared command-line flag (:func:`workbench.cli.common.add_sampling_arguments`), None if absent;
-    ``cli_needs``: the command-line input the flag acts on (``--init-image``, ``--mask``), so that only the commands
-    that take that input get the flag; None: every generating command;
+    ``cli_needs``: the command-line input the flag acts on (``--init-image``, ``--mask``, ``--control``), so that
+    only the commands that take that input get the flag; None: every generating command;
     ``sweep``: the sweep-config key, None if absent; ``app``: exposed by the app's generation endpoints
     (:class:`workbench.ui.controls.SamplingValues`); ``png``: the label in the PNG ``parameters`` chunk.
     ``cli_default`` replaces ``default`` on the command line (the seed: 0 there, so that files reproduce);
@@ -303,11 +303,12 @@ SETTINGS: tuple[Setting, ...] = (
             "transformer residual while the summed relative change of the first block's input stays below this; "
             "0 = off", 0, 10, cli="--cache-threshold", sweep="cache_threshold", png="Cache threshold"),
     Setting("controlnet_conditioning_scale", "float", 1.0, "ControlNet: scale of the residuals (times each "
-            "ControlNet's own scale)", 0, 10, sweep="controlnet_conditioning_scale", png="ControlNet scale"),
+            "ControlNet's own scale)", 0, 10, cli="--controlnet-scale", cli_needs="--control",
+            sweep="controlnet_conditioning_scale", png="ControlNet scale"),
     Setting("control_guidance_start", "float", 0.0, "ControlNet: active from this fraction of the steps", 0, 1,
-            png="ControlNet start"),
+            cli="--control-start", cli_needs="--control", png="ControlNet start"),
     Setting("control_guidance_end", "float", 1.0, "ControlNet: … up to this fraction of the steps", 0, 1,
-            png="ControlNet end"),
+            cli="--control-end", cli_needs="--control", png="ControlNet end"),
 )  # fmt: skip
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 SKIP_LAYER_DEFAULTS = {

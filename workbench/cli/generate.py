@@ -23,8 +23,9 @@ from workbench.limits import open_image
 from workbench.metadata import save_png
 from workbench.preprocess import PREPROCESSORS, preprocess
 
-INPUTS = ("--init-image", "--mask")
-"""The inputs this command takes, so that it has the settings' flags that act on them (--strength, --mask-blur)."""
+INPUTS = ("--init-image", "--mask", "--control")
+"""The inputs this command takes, so that it has the settings' flags that act on them (--strength, --mask-blur,
+--controlnet-scale, --control-start, --control-end)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,8 +48,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--preprocess", choices=PREPROCESSORS, default="none", help="ControlNet: preprocess --control first"
     )
-    parser.add_argument("--control-start", type=float, default=None, help="ControlNet: from this fraction of steps")
-    parser.add_argument("--control-end", type=float, default=None, help="ControlNet: up to this fraction of steps")
     add_model_arguments(parser)
     add_speed_arguments(parser)
     add_sampling_arguments(parser, INPUTS)
@@ -98,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
         for entry in pipe.controlnets:
             entry.preprocessor = args.preprocess
         kwargs.update(control_image=control)
-        kwargs.update(control_guidance_start=args.control_start, control_guidance_end=args.control_end)
     if image is not None:
         kwargs.update(image=image)
     if mask is not None:
