@@ -24,7 +24,7 @@ from workbench.shapesworld.controlnet_training import (
     scene_edges,
     train_controlnet,
 )
-from workbench.shapesworld.evaluate import read_image
+from workbench.shapesworld.evaluate import evaluate
 from workbench.shapesworld.world import canonical_caption_one, render, scene_from_caption
 
 
@@ -125,18 +125,18 @@ def test_scene_edges_follow_the_caption_and_seed():
 
 
 @pytest.mark.skipif(not EMBEDDED_CONTROLNET.is_dir(), reason="no shipped ShapesWorld ControlNet in this checkout")
-def test_shipped_controlnet_puts_the_object_where_the_edges_are(embedded):
-    """The caption asks for the top left; the control's edges draw the object at the bottom right: with the shipped
-    ControlNet attached the object is read at the bottom right, without it at the top left."""
+def test_shipped_controlnet_makes_one_object_scenes_right(embedded):
+    """The shipped ControlNet fed each caption's own scene edges (what ``eval-controlnet`` measures): on 12 fresh
+    one-object captions the evaluator reads nearly all right (README: 67.8 % → 94.9 % all-correct at n = 100),
+    clearly more than without it."""
     name = embedded.controlnets.load(EMBEDDED_CONTROLNET)
     try:
-        caption = canonical_caption_one("red", "square", "top left", "white", "large")
-        edges = scene_edges(canonical_caption_one("blue", "square", "bottom right", "white", "large"), 3)
-        moved = read_image(embedded(caption, seed=5, control_image=edges).images[0])
-        plain = read_image(embedded(caption, seed=5).images[0])
-        assert [o["position"] for o in moved["objects"]] == ["bottom right"]
-        assert [o["colour"] for o in moved["objects"]] == ["red"]  # the colour is the caption's, not the edges'
-        assert "bottom right" not in [o["position"] for o in plain["objects"]]
+        scores = {}
+        for arm in (None, name):
+            generate = controlled_generate_fn(embedded, arm, num_inference_steps=12)
+            scores[arm] = evaluate(generate, n=12, seed=11, kind="one")["accuracy"]["one"]
+        assert scores[name]["all"] >= 10 / 12 and scores[name]["all"] > scores[None]["all"]
+        assert scores[name]["position"] == 1.0 and scores[name]["colour"] == 1.0  # the caption's colour is kept
     finally:
         embedded.controlnets.remove(name)
 
