@@ -64,17 +64,23 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def time_steps(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
+def timed_calls(fn, device: torch.device, repeats: int) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls of ``fn()``, the device synchronised around each."""
     samples = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
         synchronize(device)
         samples.append(time.perf_counter() - start)
+    return samples
+
+
+def time_steps(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    samples = timed_calls(fn, device, repeats)
     return sorted(samples)[len(samples) // 2]
 
 
@@ -235,20 +241,9 @@ def diffusers_kwargs(config: MMDiTConfig) -> dict:
 
 def first_and_steady(fn, device: torch.device, repeats: int) -> tuple[float, list[float]]:
     """Wall seconds of the first call (compiles) and of ``repeats`` calls after one more warm-up."""
-    synchronize(device)
-    start = time.perf_counter()
+    (first,) = timed_calls(fn, device, 1)
     fn()
-    synchronize(device)
-    first = time.perf_counter() - start
-    fn()
-    synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return first, samples
+    return first, timed_calls(fn, device, repeats)
 
 
 def euler_path(model, inputs, steps: int, cache: StepCache | None, guidance: float = 5.0) -> torch.Tensor:

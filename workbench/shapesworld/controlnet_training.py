@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
@@ -43,6 +42,7 @@ from workbench.shapesworld.train import (
     EMA,
     SIZES,
     _autocast,
+    _checkpoint_paths,
     _lr_at,
     _optimizer_tensors,
     _restore_optimizer,
@@ -123,8 +123,7 @@ def controlnet_from_transformer(transformer: MMDiT, layers: int = 2, seed: int =
 
 def edge_images(pixels: torch.Tensor) -> torch.Tensor:
     """Canny edges of uint8 images ``(B, 3, H, W)`` → control images ``(B, 3, H, W)`` in [−1, 1] (edges +1)."""
-    edges = [np.asarray(canny(Image.fromarray(image.permute(1, 2, 0).numpy()))) for image in pixels]
-    return torch.from_numpy(np.stack(edges)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return images_to_tensor([canny(Image.fromarray(image.permute(1, 2, 0).numpy())) for image in pixels])
 
 
 def outline_drawing(objects: Sequence[ShapeSpec], height: int, width: int, stroke: int = 3) -> Image.Image:
@@ -156,15 +155,15 @@ def _batch(step: int, config: ControlNetTrainConfig) -> tuple[torch.Tensor, torc
         outline_drawing(scene.objects, height, width, rng.randint(2, 4)) if rng.random() < config.sketch_share else r
         for scene, r in zip(scenes, renders)
     ]
-    pixels = images_to_tensor(renders)
-    return pixels, edge_images(images_to_tensor(controls, uint8=True)), [scene.caption for scene in scenes]
+    edges = images_to_tensor([canny(control) for control in controls])
+    return images_to_tensor(renders), edges, [scene.caption for scene in scenes]
 
 
 def _checkpoint(run: Path) -> tuple[dict[str, torch.Tensor], int]:
-    weights = run / f"{STAGE}.safetensors"
+    weights, meta = _checkpoint_paths(run, STAGE)
     if not weights.is_file():
         return {}, 0
-    return load_file(str(weights)), json.loads((run / f"{STAGE}.json").read_text())["step"]
+    return load_file(str(weights)), json.loads(meta.read_text())["step"]
 
 
 def train_controlnet(
@@ -254,10 +253,11 @@ def train_controlnet(
 
 def load_run_controlnet(model_dir: Path, run: Path) -> tuple[Pipeline, SD3ControlNet]:
     """The pipeline of ``model_dir`` and the run's ControlNet with its EMA weights."""
-    meta = json.loads((run / f"{STAGE}.json").read_text())
+    weights, meta_path = _checkpoint_paths(run, STAGE)
+    meta = json.loads(meta_path.read_text())
     pipe = load_pipeline(model_dir, dtype=torch.float32)
     model = controlnet_from_transformer(pipe.transformer, meta["config"]["layers"], meta["config"]["seed"])
-    tensors = load_file(str(run / f"{STAGE}.safetensors"))
+    tensors = load_file(str(weights))
     model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     return pipe, model.eval().requires_grad_(False)
 
