@@ -3,6 +3,7 @@ the tests folder on sys.path for the tiny-model builders (tests/tiny_sd3.py: dif
 random ShapesWorld pipelines, one builder each), shared fixtures, and no network."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +34,16 @@ def embedded_pipeline():
     from workbench import load_pipeline
 
     return load_pipeline()
+
+
+BROWSER_ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Empty the browser tests' screenshot folder once per run: in the controller, not in each parallel worker
+    (``workerinput`` marks an xdist worker), so no worker deletes another's screenshots."""
+    if not hasattr(session.config, "workerinput"):
+        shutil.rmtree(BROWSER_ARTIFACTS, ignore_errors=True)
 
 
 CI_REQUIRED_SKIPS = ("could not import", "chromium")

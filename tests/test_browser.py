@@ -1,18 +1,18 @@
 """The workbench in Debian's Chromium through Playwright: type a prompt, generate, steer an expert on the Experts tab
 and see the image change; every failed action shows a message in its own tab and puts no error badge on any widget.
 Each test opens its own page (a fresh browser session), so each passes alone and in any order. Screenshots go to
-``test-artifacts/browser/``, emptied when this module starts.
+``test-artifacts/browser/``, emptied once when the test run starts (conftest: before the parallel workers).
 
 Needs /usr/bin/chromium (``.ci/install_browser.sh``); Playwright's own browser downloads are not used."""
 
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BROWSER_ARTIFACTS as ARTIFACTS
 from PIL import Image
 from test_app import launch_app
 
@@ -29,7 +29,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
 TABS = ("Text → Image", "Image → Image", "Video frames", "Experts", "Flow", "PNG info", "Model")
 TIMEOUT_MS = 60_000
 BROWSER_PROMPT = "a small blue star at the center on a black background"
@@ -53,8 +52,7 @@ def served(tmp_path_factory):
 def browser():
     from playwright.sync_api import sync_playwright
 
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser

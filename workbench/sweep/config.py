@@ -13,7 +13,7 @@ from typing import Any
 
 from workbench import settings
 from workbench.preprocess import PREPROCESSORS
-from workbench.settings import MAX_SEED
+from workbench.settings import MAX_SEED, check_fixed_seeds
 
 QUANTIZATIONS = ("int8", "nf4", "fp4")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -260,6 +260,7 @@ def _prompts(data: Mapping[str, Any]) -> list[str]:
 
 
 def _seeds(value: Any) -> list[int]:
+    """``seeds``: an integer, a list of them or ``{start, count}``; each checked as the ``seed`` setting (fixed)."""
     if isinstance(value, Mapping):
         unknown = set(value) - {"start", "count"}
         if unknown or "count" not in value:
@@ -267,15 +268,9 @@ def _seeds(value: Any) -> list[int]:
         start, count = value.get("start", 0), value["count"]
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, count)) or count < 1:
             raise ValueError(f"seeds start and count must be integers with count >= 1, got {dict(value)!r}")
-        seeds = list(range(start, start + count))
-    elif isinstance(value, int) and not isinstance(value, bool):
-        seeds = [value]
-    elif isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
-        seeds = list(value)
-    else:
-        raise ValueError(f"seeds must be an integer, a non-empty list of integers or {{start, count}}, got {value!r}")
-    if any(not 0 <= s <= MAX_SEED for s in seeds):
-        raise ValueError(f"seeds must be between 0 and {MAX_SEED}, got {seeds}")
+        value = list(range(start, start + count))
+    seeds = check_fixed_seeds(value, "seeds")
+    seeds = seeds if isinstance(seeds, list) else [seeds]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds lists a seed twice: {seeds}")
     return seeds
