@@ -135,6 +135,34 @@ def test_controlnet_changes_the_image_and_the_png_names_it(app, folders, pipe, c
     assert np.array_equal(pixels(same), pixels(gallery[0][0]))
 
 
+def test_png_info_sends_the_controlnet_to_text_to_image(app, pipe):
+    """A PNG made with a ControlNet, sent from PNG info: Text → Image's ControlNet section gets its name,
+    preprocessor, scale, start and end, and the note asks for the control image; a PNG without one sets it to none."""
+    handler = text2img.api_function(app.workbench, ControlNetLibrary(app.workbench.policy.catalog.controlnets))
+    window = dict(controlnet_conditioning_scale=0.7, control_guidance_start=0.2, control_guidance_end=0.8)
+    editor = {"background": shape_image(), "layers": [], "composite": shape_image()}
+    values = controls(control_image=editor, controlnet="edges", preprocessor="blur", **window)
+    gallery, _, _ = handler(PROMPT, **RUN, **values)
+    send = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__qualname__", "") == "wire_send.<locals>.send"
+                and any(getattr(c, "elem_id", None) == "pnginfo-note" for c in fn.outputs))  # fmt: skip
+    values = sent_values(send(read_parameters(gallery[0][0])))
+    assert values["t2i-controlnet-name"] == "edges" and values["t2i-preprocess"] == "blur"
+    assert [values[label] for label in ("ControlNet scale", "ControlNet start", "ControlNet end")] == [0.7, 0.2, 0.8]
+    assert "control image" in values["pnginfo-note"] and "'edges'" in values["pnginfo-note"]
+    plain, _, _ = handler(PROMPT, **RUN)
+    values = sent_values(send(read_parameters(plain[0][0])))
+    assert values["t2i-controlnet-name"] == "none" and "ControlNet" not in values["pnginfo-note"]
+
+
+def sent_values(updates: dict) -> dict:
+    """The values of a handler's ``{component: update}`` by elem_id (or label, for components without one)."""
+    values = {}
+    for component, update in updates.items():
+        key = getattr(component, "elem_id", None) or str(getattr(component, "label", ""))
+        values[key] = update.get("value") if isinstance(update, dict) else update
+    return values
+
+
 def test_image_to_image_takes_the_controlnet_too(app):
     handler = img2img.api_function(app.workbench)  # its own library, from the policy
     start = shape_image()

@@ -79,7 +79,7 @@ def build_app(
         if model.changeable:
             model_tab.wire(model, wb, model_updates)
 
-        pnginfo.wire_send(info, lambda: wb.pipe, t2i.controls, experts_tab, tabs)
+        pnginfo.wire_send(info, lambda: wb.pipe, t2i.controls, t2i.controlnet, experts_tab, tabs)
         if model.changeable:  # the model may have changed since the page was built: offer what fits it now
             panels = (t2i.controlnet, i2i.controlnet)
             demo.load(

@@ -305,6 +305,34 @@ class ControlNetPanel:
         return {self.controlnet: gr.update(choices=self.choices(pipe), **value)}
 
 
+def sent_controlnet(params: dict, choices: list[str]) -> tuple[dict[str, object], str]:
+    """The ControlNet section's values for a parsed ``parameters`` chunk sent from PNG info, by
+    :class:`ControlNetPanel` field name, and a note for the page. The first ControlNet the PNG names is chosen when
+    ``choices`` offers it (with its preprocessor, scale, start and end); else, or without one, the choice is none.
+    The control image is never in the PNG, so the note asks for it."""
+    named = [item.strip().split(":")[0] for item in str(params.get("controlnets") or "").split(",") if item.strip()]
+    if not named:
+        return {"controlnet": NONE}, ""
+    name = named[0]
+    if name not in choices:
+        return {
+            "controlnet": NONE
+        }, f"This image was made with the ControlNet {name!r}, which this app does not offer for the loaded model. "
+    preprocessors = [p.strip() for p in str(params.get("controlnet_preprocessors") or "").split(",")]
+    recorded = {field: params.get(spec.name) for field, spec in (("scale", SCALE), ("start", START), ("end", END))}
+    defaults = {"scale": SCALE.default, "start": START.default, "end": END.default}
+    values: dict[str, object] = {"controlnet": name}
+    values.update({field: float(defaults[field] if v is None else v) for field, v in recorded.items()})
+    if preprocessors[0] in PREPROCESSORS:
+        values["preprocessor"] = preprocessors[0]
+    more = f" (of {', '.join(named)}; the app uses one at a time)" if len(named) > 1 else ""
+    note = (
+        f"This image was made with the ControlNet {name!r}{more}: it is chosen in Text → Image's ControlNet section; "
+        "the PNG does not hold the control image, so add it there. "
+    )
+    return values, note
+
+
 def controlnet_panel(wb: Workbench, library: ControlNetLibrary, prefix: str) -> ControlNetPanel:
     """Build the ControlNet accordion inside the current layout and wire its preview. ``prefix`` namespaces the
     ``elem_id`` of each widget."""

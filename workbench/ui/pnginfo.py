@@ -10,6 +10,7 @@ import gradio as gr
 
 from workbench import Pipeline
 from workbench.metadata import read_parameters
+from workbench.ui.controlnet_panel import ControlNetPanel, sent_controlnet
 from workbench.ui.controls import SamplingControls, parameters_to_settings
 from workbench.ui.session import page_errors
 from workbench.ui.style import UPSCALE
@@ -99,10 +100,17 @@ def shown(path: str | None) -> tuple[str, dict, dict, str]:
     return read_text(path), params, gr.update(interactive=True), ""
 
 
-def wire_send(tab: PngInfoTab, pipe: Callable[[], Pipeline], controls: SamplingControls, experts_tab, tabs) -> None:
-    """Send applies the parsed settings to Text → Image (``controls``) and the expert weights and router temperature
-    to ``experts_tab`` (an :class:`workbench.ui.experts.ExpertsTab`), then shows Text → Image; with nothing parsed
-    it only says so in the tab's note. ``pipe()`` is the loaded pipeline."""
+def wire_send(
+    tab: PngInfoTab,
+    pipe: Callable[[], Pipeline],
+    controls: SamplingControls,
+    controlnet: ControlNetPanel,
+    experts_tab,
+    tabs,
+) -> None:
+    """Send applies the parsed settings to Text → Image (``controls`` and its ``controlnet`` section) and the expert
+    weights and router temperature to ``experts_tab`` (an :class:`workbench.ui.experts.ExpertsTab`), then shows Text →
+    Image; with nothing parsed it only says so in the tab's note. ``pipe()`` is the loaded pipeline."""
 
     def send(params: dict) -> dict:
         if not params:
@@ -112,14 +120,27 @@ def wire_send(tab: PngInfoTab, pipe: Callable[[], Pipeline], controls: SamplingC
         updates = settings_updates(params, model, controls)
         updates.update({slider: value for slider, value in zip(experts_tab.weights, values)})
         updates[experts_tab.router_temperature] = temperature
-        updates[tab.note] = note
+        control, control_note = sent_controlnet(params, controlnet.choices(model))
+        updates.update({getattr(controlnet, field): gr.update(value=value) for field, value in control.items()})
+        updates[tab.note] = control_note + note
         updates[tabs] = gr.Tabs(selected="text2img")
         return updates
 
     tab.send.click(
         send,
         tab.parsed,
-        [*controls.inputs(), *experts_tab.weights, experts_tab.router_temperature, tab.note, tabs],
+        [
+            *controls.inputs(),
+            controlnet.preprocessor,
+            controlnet.controlnet,
+            controlnet.scale,
+            controlnet.start,
+            controlnet.end,
+            *experts_tab.weights,
+            experts_tab.router_temperature,
+            tab.note,
+            tabs,
+        ],
         queue=False,
         show_progress="hidden",
         api_visibility="private",
