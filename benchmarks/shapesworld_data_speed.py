@@ -54,6 +54,7 @@ def main() -> None:
     packed = {i: SceneTensors.from_scenes(s).to(device) for i, s in prepared.items()}
 
     from workbench import load_pipeline
+    from workbench.viz import markdown_header, markdown_row
 
     torch.set_num_threads(args.threads)
     vae = load_pipeline(device=device).vae
@@ -66,12 +67,11 @@ def main() -> None:
         f"rasterise with torch on {device}": lambda i: rasterize(packed[i]),
         f"VAE encode on {device} ({'bf16 autocast' if bf16 else 'fp32'})": lambda i: vae.encode(images),
     }
-    print(f"| stage ({batch} images of {size}², {device}) | s / batch | images / s |")
-    print("|---|---|---|")
+    print(markdown_header([f"stage ({batch} images of {size}², {device})", "s / batch", "images / s"]))
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for name, fn in stages.items():
             seconds = _median_seconds(fn, args.batches)
-            print(f"| {name} | {seconds:.4f} | {batch / seconds:,.0f} |")
+            print(markdown_row([name, f"{seconds:.4f}", f"{batch / seconds:,.0f}"]))
 
 
 if __name__ == "__main__":
