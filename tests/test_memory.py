@@ -499,3 +499,14 @@ def test_accelerate_model_offload_against_ours_on_cuda(micro_folder):
         assert report[label, "ours"][0] == {"transformer"}, report
         assert report[label, "ours"][0] <= report[label, "accelerate"][0], report
     print(report)  # (components on the GPU while the transformer runs, peak bytes allocated) per call and offload
+
+
+def test_a_onednn_isa_cap_below_bf16_means_float32_on_the_cpu(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI (an AMX machine made to behave like one without bfloat16 dot products):
+    no native bfloat16, so the CPU's recommended dtype is float32; a cap that keeps bfloat16 changes nothing."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    native = memory.cpu_has_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")
+    assert not memory.cpu_has_bf16() and memory.recommended_dtype("cpu") == torch.float32
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert memory.cpu_has_bf16() == native

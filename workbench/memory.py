@@ -25,6 +25,7 @@ Entry point :func:`prepare` (called by ``loading.load_pipeline``). Its parts, ea
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -136,9 +137,18 @@ def recommended_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     return torch.float32
 
 
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+"""Values of ``ONEDNN_MAX_CPU_ISA`` that cap oneDNN below native bfloat16 dot products (AVX512_CORE_BF16, AMX)."""
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where bfloat16 is much faster than
-    float32; elsewhere bfloat16 matmuls are emulated and slower."""
+    float32; elsewhere bfloat16 matmuls are emulated and slower. ``ONEDNN_MAX_CPU_ISA`` set below AVX512_CORE_BF16
+    (e.g. ``AVX512_CORE_VNNI``, to make an AMX machine behave like one without) counts as no native bfloat16."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     try:
         return torch.backends.mkldnn.is_available() and any(getattr(torch.cpu, c, lambda: False)() for c in checks)

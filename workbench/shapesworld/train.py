@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from workbench.memory import cpu_has_bf16
 from workbench.models.vae import AutoencoderKL
 from workbench.pipeline import Pipeline
 from workbench.shapesworld.binding import AttentionProbe, token_loss, token_masks, word_targets
@@ -75,12 +76,9 @@ class TrainConfig:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU advertises AMX or AVX-512 BF16 (bf16 matmuls then beat fp32 several times)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """True when the CPU multiplies bfloat16 natively (:func:`workbench.memory.cpu_has_bf16`): bf16 autocast then
+    trains several times faster than float32."""
+    return cpu_has_bf16()
 
 
 def _autocast(enabled: bool, device_type: str = "cpu"):
