@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
         "workbench.kernels",
         "workbench.offload",
     ),
-    ("workbench.memory", "workbench.lora", "workbench.acceleration"),
+    ("workbench.memory", "workbench.lora", "workbench.acceleration", "workbench.layout_guidance"),
     ("workbench.pipeline",),
     ("workbench.loading", "workbench.controlnet", "workbench"),
     (

@@ -53,6 +53,7 @@ KEY_ORDER = [
         "skip_layer_guidance_start",
         "skip_layer_guidance_stop",
         "cache_threshold",
+        "layout_guidance",
         "loras",
         "controlnets",
         "controlnet_preprocessors",

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from workbench import flow
+from workbench.layout_guidance import LayoutSource, layout_constraint
 from workbench.lora import LoRASet
 from workbench.metadata import format_parameters
 from workbench.models.mmdit import MMDiT
@@ -167,6 +168,20 @@ def inpaint_constraint(mask: torch.Tensor, clean: torch.Tensor, noise: torch.Ten
     return constrain
 
 
+def chain_constraints(*constraints: flow.LatentConstraint | None) -> flow.LatentConstraint | None:
+    """The given constraints applied in order after each step (None ones skipped; None when none is left)."""
+    active = [c for c in constraints if c is not None]
+    if len(active) <= 1:
+        return active[0] if active else None
+
+    def chained(step: int, sigma: float, x: torch.Tensor) -> torch.Tensor:
+        for constraint in active:
+            x = constraint(step, sigma, x)
+        return x
+
+    return chained
+
+
 def paste_back(
     images: list[Image.Image], image: Image.Image | np.ndarray | torch.Tensor, mask: torch.Tensor, blur: float
 ) -> list[Image.Image]:
@@ -224,6 +239,8 @@ class Pipeline:
         self.dtype = dtype
         self.loras = LoRASet(self)
         self.conditioning_hooks: list[ConditioningHook] = []
+        self.layout_source: LayoutSource | None = None
+        """Where ``layout_guidance`` gets each image's layout (:mod:`workbench.layout_guidance`); None: no layouts."""
 
     def __getattr__(self, name: str) -> object:
         """A registered extension (:attr:`extensions`), built on first access and kept."""
@@ -336,6 +353,7 @@ class Pipeline:
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
         cache_threshold: float = 0.0,
+        layout_guidance: float = 0.0,
         control_image: object = None,
         controlnet_conditioning_scale: float = 1.0,
         control_guidance_start: float = 0.0,
@@ -365,6 +383,9 @@ class Pipeline:
         (:mod:`workbench.controlnet`), also in image→image and inpainting: scaled by ``controlnet_conditioning_scale``
         and active for the steps between ``control_guidance_start`` and ``control_guidance_end`` (fractions of the
         steps; diffusers' semantics).
+        ``layout_guidance`` (> 0) moves the latents after the first step so that each object's words attend to where
+        the prompt's layout puts it (:mod:`workbench.layout_guidance`); it needs ``pipe.layout_source`` (the embedded
+        model's reads canonical ShapesWorld captions: :func:`workbench.shapesworld.layout.attach_caption_layouts`).
         """
         given = {name: value for name, value in locals().items() if name in BY_NAME}  # the settings' arguments
         if image is not None and (height is None or width is None):
@@ -419,9 +440,12 @@ class Pipeline:
             latents, clean, noise = self._start_latents(
                 seeds, s.height, s.width, inputs.image, sigmas, s.flow_temperature, inputs.initial_latents
             )
-            constraint = inpaint_constraint(mask.to(self.device), clean, noise) if mask is not None else None
             embeds, pooled = self._conditioning(
                 prompts, negatives, s.guidance_scale, s.max_sequence_length, inputs.prompt_embeds
+            )
+            constraint = chain_constraints(
+                self._layout_constraint(s.layout_guidance, prompts, seeds, s.height, s.width, embeds, pooled),
+                inpaint_constraint(mask.to(self.device), clean, noise) if mask is not None else None,
             )
             conditionings = self._conditionings(s, inputs, sigmas)
             model_fn = self._model_fn(embeds, pooled, routing, conditionings)
@@ -569,6 +593,29 @@ class Pipeline:
         neg_embeds, neg_pooled = self.encode_prompts(negatives, None, max_sequence_length)
         return torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
 
+    def _layout_constraint(
+        self,
+        strength: float,
+        prompts: list[str],
+        seeds: list[int],
+        height: int,
+        width: int,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> flow.LatentConstraint | None:
+        """Layout guidance's constraint for this batch (None when off); ValueError when it is asked for without a
+        layout source."""
+        if strength == 0:
+            return None
+        if self.layout_source is None:
+            raise ValueError(
+                f"layout_guidance={strength:g} needs a layout source for the prompts (pipe.layout_source); this model "
+                "has none (the embedded model's: workbench.shapesworld.layout.attach_caption_layouts(pipe)); use 0"
+            )
+        layouts = self.layout_source(prompts, seeds, height, width, embeds.shape[1])
+        positive = slice(embeds.shape[0] - len(prompts), None)
+        return layout_constraint(self.transformer, layouts, embeds[positive], pooled[positive], strength)
+
     def _conditionings(self, settings: GenerationSettings, inputs: Inputs, sigmas: torch.Tensor) -> list[Conditioning]:
         """The conditioning hooks' contributions to this generation; ValueError for a ``control_image`` that none
         of them takes."""
@@ -655,6 +702,7 @@ def image_parameters(
         "guidance_interval": list(s.guidance_interval) if s.guidance_interval != (0.0, 1.0) else None,
         "loras": loras,
         "cache_threshold": s.cache_threshold or None,
+        "layout_guidance": s.layout_guidance or None,
         **_skip_layer_parameters(
             s.skip_guidance_layers, s.skip_layer_guidance_scale, s.skip_layer_guidance_start, s.skip_layer_guidance_stop
         ),

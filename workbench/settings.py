@@ -302,6 +302,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache_threshold", "float", 0.0, "step caching (TeaCache-style, workbench.step_cache): reuse the last "
             "transformer residual while the summed relative change of the first block's input stays below this; "
             "0 = off", 0, 10, cli="--cache-threshold", sweep="cache_threshold", png="Cache threshold"),
+    Setting("layout_guidance", "float", 0.0, "attention-to-layout guidance (workbench.layout_guidance): after the "
+            "first step, move the latents so that each object's words attend to where the prompt's layout puts it; "
+            "needs the model's layout source (the embedded model reads canonical captions); 0 = off", 0, 10,
+            cli="--layout-guidance", sweep="layout_guidance", app=True, png="Layout guidance"),
     Setting("controlnet_conditioning_scale", "float", 1.0, "ControlNet: scale of the residuals (times each "
             "ControlNet's own scale)", 0, 10, cli="--controlnet-scale", cli_needs="--control",
             sweep="controlnet_conditioning_scale", png="ControlNet scale"),
@@ -377,6 +381,7 @@ class GenerationSettings:
     skip_layer_guidance_start: float = 0.01
     skip_layer_guidance_stop: float = 0.2
     cache_threshold: float = 0.0
+    layout_guidance: float = 0.0
     controlnet_conditioning_scale: float = 1.0
     control_guidance_start: float = 0.0
     control_guidance_end: float = 1.0

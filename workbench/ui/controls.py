@@ -44,6 +44,7 @@ class SamplingValues:
     skip_layer_scale: float
     skip_layer_start: float
     skip_layer_stop: float
+    layout_guidance: float
 
     def kwargs(self, **overrides: Any) -> dict:
         """:func:`generation_kwargs` of these values, ``overrides`` (such as ``batch_count=1``) replacing fields;
@@ -77,6 +78,7 @@ def sampling_defaults(pipe: Pipeline) -> SamplingValues:
         skip_layer_scale=SKIP_LAYER_DEFAULTS["scale"],
         skip_layer_start=SKIP_LAYER_DEFAULTS["start"],
         skip_layer_stop=SKIP_LAYER_DEFAULTS["stop"],
+        layout_guidance=default("layout_guidance"),
     )
 
 
@@ -116,6 +118,7 @@ class SamplingControls:
     skip_layer_scale: gr.Slider
     skip_layer_start: gr.Slider
     skip_layer_stop: gr.Slider
+    layout_guidance: gr.Slider
     reuse_seed: gr.Button
     random_seed: gr.Button
 
@@ -205,6 +208,15 @@ def sampling_controls(
             skip_scale = gr.Slider(0, 10, value=SKIP_LAYER_DEFAULTS["scale"], step=0.1, label="SLG scale")
             skip_start = gr.Slider(0, 1, value=SKIP_LAYER_DEFAULTS["start"], step=0.01, label="SLG start")
             skip_stop = gr.Slider(0, 1, value=SKIP_LAYER_DEFAULTS["stop"], step=0.01, label="SLG stop")
+        layout = gr.Slider(
+            0,
+            1,
+            value=default_value("layout_guidance"),
+            step=0.01,
+            label="Layout guidance (0 = off)",
+            info="the embedded model: steer each object's words to where its caption puts it (0.1 recommended)",
+            elem_id=f"{prefix}-layout-guidance",
+        )
     random_seed.click(lambda: -1, None, seed, queue=False, api_visibility="private")
     return SamplingControls(
         prompt,
@@ -225,6 +237,7 @@ def sampling_controls(
         skip_scale,
         skip_start,
         skip_stop,
+        layout,
         reuse_seed,
         random_seed,
     )
@@ -254,6 +267,7 @@ def generation_kwargs(
     skip_layer_scale: float = SKIP_LAYER_DEFAULTS["scale"],
     skip_layer_start: float = SKIP_LAYER_DEFAULTS["start"],
     skip_layer_stop: float = SKIP_LAYER_DEFAULTS["stop"],
+    layout_guidance: float = 0.0,
 ) -> dict:
     """Widget values → keyword arguments of the pipeline call (names as in :meth:`workbench.Pipeline.__call__`)."""
     seed_value = _int("seed", seed)
@@ -276,6 +290,7 @@ def generation_kwargs(
         "skip_layer_guidance_scale": float(skip_layer_scale),
         "skip_layer_guidance_start": float(skip_layer_start),
         "skip_layer_guidance_stop": float(skip_layer_stop),
+        "layout_guidance": float(layout_guidance),
     }
 
 
@@ -313,4 +328,5 @@ def parameters_to_settings(params: dict, pipe: Pipeline) -> dict[str, object]:
         "skip_layer_scale": float(params.get("skip_layer_guidance_scale", SKIP_LAYER_DEFAULTS["scale"])),
         "skip_layer_start": float(params.get("skip_layer_guidance_start", SKIP_LAYER_DEFAULTS["start"])),
         "skip_layer_stop": float(params.get("skip_layer_guidance_stop", SKIP_LAYER_DEFAULTS["stop"])),
+        "layout_guidance": float(params.get("layout_guidance") or 0.0),
     }

@@ -37,6 +37,7 @@ from PIL import Image
 from workbench import GenerationCancelled, Pipeline, load_pipeline
 from workbench.limits import image_error_message, prune_outputs
 from workbench.metadata import save_png
+from workbench.shapesworld.layout import attach_caption_layouts
 from workbench.ui.hosting import HostingPolicy, NotAllowedError
 
 LOG = logging.getLogger("workbench.ui")
@@ -152,7 +153,7 @@ class Workbench:
     _pruned_at: float = 0.0
 
     def __post_init__(self) -> None:
-        self._watch_cancel(self.pipe)
+        self._adopt(self.pipe)
 
     @classmethod
     def create(
@@ -166,7 +167,10 @@ class Workbench:
         return cls(pipe, Path(output_dir).resolve(), str(pipe.device), policy=policy or HostingPolicy())
 
     @staticmethod
-    def _watch_cancel(pipe: Pipeline) -> None:
+    def _adopt(pipe: Pipeline) -> None:
+        """Make a newly loaded pipeline the app's: its transformer stops at a cancelled run's next call, and a
+        ShapesWorld model gets its caption layouts (layout guidance)."""
+        attach_caption_layouts(pipe)
         transformer = getattr(pipe, "transformer", None)
         if isinstance(transformer, torch.nn.Module) and not getattr(transformer, "_workbench_cancel_hook", False):
             transformer.register_forward_pre_hook(cancel_hook)
@@ -196,7 +200,7 @@ class Workbench:
         if self.policy.free_paths:
             with self.lock:
                 pipe = load_pipeline(path, text_encoders_from=companion, **options)
-                self._watch_cancel(pipe)
+                self._adopt(pipe)
                 self.pipe = pipe
             return pipe
         source = self.policy.catalog.model(path)
@@ -207,7 +211,7 @@ class Workbench:
         try:
             with self.lock:
                 pipe = load_pipeline(source, text_encoders_from=folder, **options)
-                self._watch_cancel(pipe)
+                self._adopt(pipe)
                 self.pipe = pipe
         except Exception as err:
             LOG.warning("model %r could not be loaded: %s: %s", path, type(err).__name__, err)

@@ -1,0 +1,125 @@
+"""Layout guidance (workbench/layout_guidance.py, workbench/shapesworld/layout.py): the guidance step lowers the
+token loss it follows; off, or with no layout, it is the plain sampler bit for bit; a model without a layout source
+refuses it by name; the embedded model's caption layouts put each object's words and region where the caption says;
+routing records and step counts are untouched; and on the embedded model it fixes relations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_sd3 import random_shapesworld
+
+from workbench.layout_guidance import AttentionProbe, Layout, layout_constraint, token_loss
+from workbench.metadata import read_parameters
+from workbench.shapesworld.evaluate import score
+from workbench.shapesworld.layout import CaptionLayouts, attach_caption_layouts
+from workbench.shapesworld.world import random_canonical_captions, tokenize
+
+TWO = "a red circle to the left of a blue square on a white background"
+RUN = dict(num_inference_steps=4, height=64, width=64, guidance_scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def micro():
+    pipe = random_shapesworld(seed=3, noise_seed=3)
+    assert attach_caption_layouts(pipe)  # word-level tokenizers with the captions' words
+    return pipe
+
+
+def batch_loss(pipe, latents, layouts, embeds, pooled, sigma: float) -> float:
+    """The mean token loss over all blocks of ``latents`` for ``layouts`` (as the guidance computes it)."""
+    from workbench.layout_guidance import _batch_targets
+
+    grid = (latents.shape[-2] // 2, latents.shape[-1] // 2)
+    words, masks = _batch_targets(layouts, embeds.shape[1], grid)
+    with torch.no_grad(), AttentionProbe(pipe.transformer) as probe:
+        pipe.transformer(latents, embeds, pooled, torch.full((latents.shape[0],), sigma * 1000))
+    maps = probe.maps()
+    return float(sum(token_loss(m, words, masks) for m in maps).detach() / len(maps))
+
+
+def test_a_guidance_step_lowers_the_token_loss(micro):
+    prompts = [TWO, "a green triangle above a yellow star on a black background"]
+    embeds, pooled = micro.encode_prompts(prompts, None, 256)
+    layouts = micro.layout_source(prompts, [0, 1], 64, 64, embeds.shape[1])
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = 0.9
+    before = batch_loss(micro, latents, layouts, embeds, pooled, sigma)
+    constraint = layout_constraint(micro.transformer, layouts, embeds, pooled, strength=0.5)
+    after = batch_loss(micro, constraint(0, sigma, latents), layouts, embeds, pooled, sigma)
+    assert after < before - 1e-4, (before, after)
+    assert torch.equal(constraint(1, sigma, latents), latents)  # only after the first step
+
+
+def test_off_or_without_layouts_it_is_the_plain_sampler(micro):
+    plain = micro(TWO, seed=4, **RUN)
+    assert torch.equal(micro(TWO, seed=4, layout_guidance=0.0, **RUN).latents, plain.latents)
+    free_text = micro("a picture of something", seed=4, layout_guidance=0.3, **RUN)  # no canonical caption: no layout
+    assert torch.equal(free_text.latents, micro("a picture of something", seed=4, **RUN).latents)
+    guided = micro(TWO, seed=4, layout_guidance=0.3, **RUN)
+    assert not torch.equal(guided.latents, plain.latents)
+    assert read_parameters(guided.images[0])["layout_guidance"] == 0.3
+    assert "layout_guidance" not in read_parameters(plain.images[0])
+
+
+def test_routing_record_and_evaluations_are_untouched(micro):
+    kwargs = dict(seed=5, record_routing=True, cache_threshold=0.0, **RUN)
+    plain = micro([TWO, TWO], **kwargs)
+    guided = micro([TWO, TWO], layout_guidance=0.3, **kwargs)
+    assert guided.transformer_evaluations == plain.transformer_evaluations
+    assert guided.routing.steps() == plain.routing.steps() and len(guided.routing.entries) == len(plain.routing.entries)
+    assert micro.transformer.step_cache is None and micro.transformer.routing_record is None
+
+
+def test_a_model_without_a_layout_source_refuses_it(micro):
+    other = random_shapesworld(seed=3, noise_seed=3)  # no source attached
+    with pytest.raises(ValueError, match=r"layout_guidance=0\.2 needs a layout source"):
+        other(TWO, seed=0, layout_guidance=0.2, **RUN)
+    with pytest.raises(ValueError, match="layout_guidance"):
+        micro(TWO, seed=0, layout_guidance=-1, **RUN)
+
+
+def test_bpe_text_encoders_get_no_caption_layouts(tiny_sd3_folder):
+    from workbench import load_pipeline
+
+    pipe = load_pipeline(tiny_sd3_folder[0])
+    assert not attach_caption_layouts(pipe) and pipe.layout_source is None
+
+
+def test_caption_layouts_put_words_and_regions_where_the_caption_says():
+    source = CaptionLayouts(clip_length=24)
+    layouts = source([TWO, "the circle is red"], [7, 7], 128, 128, 48)
+    assert layouts[1] is None  # not canonical
+    layout = layouts[0]
+    assert isinstance(layout, Layout) and layout.words.shape == (2, 48) and layout.regions.shape == (2, 128, 128)
+    tokens = tokenize(TWO)
+    for o, names in enumerate((("red", "circle"), ("blue", "square"))):
+        positions = torch.nonzero(layout.words[o]).flatten().tolist()
+        expected = [1 + tokens.index(w, 0 if o == 0 else 5) for w in names]
+        assert positions == sorted(expected + [24 + p - 1 for p in expected])  # CLIP copy, then T5 copy
+    columns = [float((region.sum(0) * torch.arange(128)).sum() / region.sum()) for region in layout.regions]
+    assert columns[0] < columns[1]  # a is left of b
+    again = source([TWO], [7], 128, 128, 48)[0]
+    assert torch.equal(again.regions, layout.regions)  # the image's seed fixes its layout
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_relations_come_out_right_more_often(embedded_pipeline):
+    pipe = embedded_pipeline
+    assert attach_caption_layouts(pipe)
+    captions = random_canonical_captions(16, 7, "two")
+    seeds = list(range(16))
+    relation = {}
+    for strength in (0.0, 0.1):
+        images = pipe(captions, seed=seeds, layout_guidance=strength).images
+        relation[strength] = sum(score(c, im)["relation"] for c, im in zip(captions, images))
+    assert relation[0.1] >= relation[0.0] + 6, relation  # 3 → 12 of 16 on the EPYC of the README
+    pipe.layout_source = None  # the shared fixture as loaded
+
+
+def test_cli_takes_the_flag(tmp_path):
+    from workbench.__main__ import main
+
+    out = tmp_path / "x.png"
+    assert main(["generate", "--prompt", TWO, "--steps", "2", "--layout-guidance", "0.1", "--out", str(out)]) == 0
+    assert read_parameters(out)["layout_guidance"] == 0.1
