@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
 
+from workbench.memory import cpu_has_bf16  # noqa: E402
 from workbench.shapesworld.raster import SceneTensors, rasterize  # noqa: E402
-from workbench.shapesworld.train import cpu_has_fast_bf16  # noqa: E402
 from workbench.shapesworld.world import images_to_tensor, render, sample_batch_scenes  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     vae = load_pipeline(device=device).vae
     images = rasterize(packed[0])[0].div(127.5).sub(1).to(vae.dtype)
-    bf16 = device.type == "cuda" or cpu_has_fast_bf16()  # the trainer's choice
+    bf16 = device.type == "cuda" or cpu_has_bf16()  # the trainer's choice
     stages = {
         "sample scenes (Python)": lambda i: scenes(i),
         "pack scenes as tensors": lambda i: SceneTensors.from_scenes(prepared[i]),

@@ -12,7 +12,7 @@ latents, ``rms`` its root mean square), in the spirit of Attend-and-Excite (arXi
 
 A :class:`Layout` comes from a :data:`LayoutSource` set on the pipeline (``pipe.layout_source``); the embedded model's
 reads the layout from canonical ShapesWorld captions (:mod:`workbench.shapesworld.layout`). Measured on the embedded
-model: ``benchmarks/layout_guidance_probe.py`` and the README.
+model with ``python -m workbench.shapesworld eval --layout-guidance S`` (README, "Layout guidance").
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from workbench.flow import NUM_TRAIN_TIMESTEPS, LatentConstraint
 from workbench.models.mmdit import MMDiT
 
 LAYOUT_ITERATIONS = 3
-"""Gradient steps on the latents after the first sampler step (more steps after later ones did not help)."""
+"""Gradient steps on the latents after the first sampler step."""
 
 
 @dataclass(frozen=True)
@@ -84,17 +84,9 @@ class AttentionProbe:
         """Per probed block, the joint attention's probabilities of the image queries over all keys
         ``(B, heads, N, N + L)`` (image keys first, as in the attention itself)."""
         out = []
-        for attention, (x, context) in zip(self.attentions, self.inputs):
-            a = attention
+        for a, (x, context) in zip(self.attentions, self.inputs):
             q, k, _ = a._qkv(x, a.to_q, a.to_k, a.to_v, a.norm_q, a.norm_k)
-            _, ck, _ = attention._qkv(
-                context,
-                attention.add_q_proj,
-                attention.add_k_proj,
-                attention.add_v_proj,
-                attention.norm_added_q,
-                attention.norm_added_k,
-            )
+            _, ck, _ = a._qkv(context, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.norm_added_q, a.norm_added_k)
             keys = torch.cat([k, ck], dim=2).float()
             out.append((q.float() @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-1))
         return out

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from workbench.loading import load_pipeline
+from workbench.memory import cpu_has_bf16
 from workbench.models.controlnet import ControlNetConfig, SD3ControlNet
 from workbench.models.mmdit import MMDiT
 from workbench.pipeline import Pipeline
@@ -47,7 +48,6 @@ from workbench.shapesworld.train import (
     _optimizer_tensors,
     _restore_optimizer,
     _save_checkpoint,
-    cpu_has_fast_bf16,
     flow_inputs,
 )
 from workbench.shapesworld.world import (
@@ -174,7 +174,7 @@ def train_controlnet(
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
-    bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda" or cpu_has_fast_bf16()
+    bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda" or cpu_has_bf16()
     pipe = load_pipeline(model_dir, dtype=torch.float32)
     pipe.transformer.requires_grad_(False).eval()
     pipe.text_encoders.requires_grad_(False).eval()

@@ -75,12 +75,6 @@ class TrainConfig:
     compile: bool = False
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bfloat16 natively (:func:`workbench.memory.cpu_has_bf16`): bf16 autocast then
-    trains several times faster than float32."""
-    return cpu_has_bf16()
-
-
 def _autocast(enabled: bool, device_type: str = "cpu"):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -152,7 +146,7 @@ def _setup(config: TrainConfig) -> bool:
         torch.set_num_threads(config.threads)
     if config.bf16 is not None:
         return config.bf16
-    return torch.device(config.device).type == "cuda" or cpu_has_fast_bf16()
+    return torch.device(config.device).type == "cuda" or cpu_has_bf16()
 
 
 def _batch_seed_and_size(step: int, config: TrainConfig) -> tuple[int, int, int]:

@@ -315,14 +315,13 @@ def sent_controlnet(params: dict, choices: list[str]) -> tuple[dict[str, object]
         return {"controlnet": NONE}, ""
     name = named[0]
     if name not in choices:
-        return {
-            "controlnet": NONE
-        }, f"This image was made with the ControlNet {name!r}, which this app does not offer for the loaded model. "
+        offered = "which this app does not offer for the loaded model"
+        return {"controlnet": NONE}, f"This image was made with the ControlNet {name!r}, {offered}. "
     preprocessors = [p.strip() for p in str(params.get("controlnet_preprocessors") or "").split(",")]
-    recorded = {field: params.get(spec.name) for field, spec in (("scale", SCALE), ("start", START), ("end", END))}
-    defaults = {"scale": SCALE.default, "start": START.default, "end": END.default}
     values: dict[str, object] = {"controlnet": name}
-    values.update({field: float(defaults[field] if v is None else v) for field, v in recorded.items()})
+    for field, spec in (("scale", SCALE), ("start", START), ("end", END)):
+        recorded = params.get(spec.name)
+        values[field] = float(spec.default if recorded is None else recorded)
     if preprocessors[0] in PREPROCESSORS:
         values["preprocessor"] = preprocessors[0]
     more = f" (of {', '.join(named)}; the app uses one at a time)" if len(named) > 1 else ""

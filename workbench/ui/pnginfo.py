@@ -131,6 +131,8 @@ def wire_send(
         tab.parsed,
         [
             *controls.inputs(),
+            # the ControlNet section without its control image, which no PNG holds (listing the editor as an
+            # output here kept Text → Image's Stop from ending its run in the browser test)
             controlnet.preprocessor,
             controlnet.controlnet,
             controlnet.scale,
