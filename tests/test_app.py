@@ -7,6 +7,7 @@ ShapesWorld MoE model (output layers randomised so that images depend on prompt,
 from __future__ import annotations
 
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -239,6 +240,35 @@ def test_stop_cancels_within_one_step(served):
                 wb.stop("test-session")
     assert len(executed) <= at_stop[0] + 1 < 30
     assert not wb.lock.locked()
+
+
+def test_stop_answers_after_the_run_sent_its_last_update(served):
+    """Stop's "Stopped." and the job's progress travel apart: Stop answers only once the run can send nothing more."""
+    wb = served[0].workbench
+    assert wb.wait_ended("idle-session", timeout=0)
+    events: list[object] = []
+    started = threading.Event()
+
+    def work(callback):
+        return wb.pipe(PROMPT, seed=0, num_inference_steps=30, callback=callback)
+
+    def consume() -> None:
+        try:
+            for event in wb.stream("stopped-session", work, total=30, preview=False):
+                events.append(event)
+                started.set()
+        except GenerationCancelled as err:
+            events.append(err)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert started.wait(60)
+    wb.stop("stopped-session")
+    assert wb.wait_ended("stopped-session", timeout=60)
+    answered = len(events)
+    consumer.join(60)
+    assert isinstance(events[-1], GenerationCancelled) and len(events) == answered
+    assert not any(isinstance(event, Finished) for event in events) and len(events) < 30
 
 
 def test_wrong_model_path_is_a_message_and_the_model_stays(served, tmp_path):

@@ -133,7 +133,17 @@ def field_value(page, elem_id: str) -> str:
 
 
 def wait_for_text(page, elem_id: str, text: str) -> None:
-    page.locator(f"#{elem_id}").get_by_text(text).first.wait_for(state="visible")
+    """Wait until ``#elem_id`` shows ``text``; on timeout, fail with what it shows instead (and a screenshot)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.locator(f"#{elem_id}").get_by_text(text).first.wait_for(state="visible")
+    except PlaywrightTimeout:
+        page.screenshot(path=str(ARTIFACTS / f"timeout-{elem_id}.png"), full_page=True)
+        shown = page.locator(f"#{elem_id}").first.inner_text(timeout=5_000)
+        raise AssertionError(
+            f"#{elem_id} did not show {text!r} in {TIMEOUT_MS // 1000} s; it shows {shown!r}"
+        ) from None
 
 
 def test_generate_then_steer_an_expert(page):

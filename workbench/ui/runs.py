@@ -18,6 +18,7 @@ from workbench.ui.live import progress_html
 from workbench.ui.session import MODEL_CONCURRENCY, Workbench
 
 QUEUED = "Queued: waiting for the model…"
+STOP_WAIT_S = 30.0  # how long Stop waits for the running step to end before it answers
 
 
 def run_key(request: gr.Request | None, tab: str) -> str:
@@ -65,7 +66,11 @@ def wire_run(
         return {generate: gr.update(interactive=True), stop: gr.update(interactive=False, variant="secondary")}
 
     def stopped(request: gr.Request) -> dict:
-        wb.stop(run_key(request, tab))
+        # The job's progress updates travel apart from this answer: wait until the run has sent its last one, so
+        # that "Stopped." is not overwritten by a step that was under way (a queued job is simply removed).
+        key = run_key(request, tab)
+        wb.stop(key)
+        wb.wait_ended(key, STOP_WAIT_S)
         return {**idle(), status: message_html("Stopped.", "warning")}
 
     start = gr.on(

@@ -150,6 +150,8 @@ class Workbench:
     policy: HostingPolicy = field(default_factory=HostingPolicy)
     cache_dirs: list[Path] = field(default_factory=list)
     _stops: dict[str, threading.Event] = field(default_factory=dict)
+    _streaming: dict[str, int] = field(default_factory=dict)
+    _streams_changed: threading.Condition = field(default_factory=threading.Condition)
     _pruned_at: float = 0.0
 
     def __post_init__(self) -> None:
@@ -273,6 +275,26 @@ class Workbench:
         """Ask the running generation of this browser session to stop at its next step."""
         self.stop_event(session).set()
 
+    def wait_ended(self, session: str | None, timeout: float) -> bool:
+        """Wait until no :meth:`stream` of ``session`` is running (its generation thread and its consumer both ended,
+        so that it sends no further update); returns whether it ended within ``timeout`` seconds."""
+        with self._streams_changed:
+            return self._streams_changed.wait_for(lambda: not self._streaming.get(session or ""), timeout)
+
+    @contextmanager
+    def _streaming_run(self, session: str | None) -> Iterator[None]:
+        key = session or ""
+        with self._streams_changed:
+            self._streaming[key] = self._streaming.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._streams_changed:
+                self._streaming[key] -= 1
+                if not self._streaming[key]:
+                    del self._streaming[key]
+                self._streams_changed.notify_all()
+
     def stream(
         self, session: str | None, work: Callable[[Callable], Any], total: int, preview: bool = True
     ) -> Iterator[Step | Finished]:
@@ -303,22 +325,25 @@ class Workbench:
             finally:
                 updates.put(None)
 
-        thread = threading.Thread(target=worker, name="workbench-generation", daemon=True)
-        thread.start()
-        try:
-            while (item := updates.get()) is not None:
-                while not updates.empty():
-                    newer = updates.get()
-                    if newer is None:
-                        updates.put(None)
-                        break
-                    item = newer
-                index, latents = item
-                yield Step(index, total, preview_images(self.pipe, latents) if latents is not None else None)
-        finally:
-            if thread.is_alive():
-                stop.set()
-            thread.join()
+        with self._streaming_run(session):
+            thread = threading.Thread(target=worker, name="workbench-generation", daemon=True)
+            thread.start()
+            try:
+                while (item := updates.get()) is not None:
+                    while not updates.empty():
+                        newer = updates.get()
+                        if newer is None:
+                            updates.put(None)
+                            break
+                        item = newer
+                    if stop.is_set():  # Stop was pressed: its "Stopped" must stay the last word
+                        continue
+                    index, latents = item
+                    yield Step(index, total, preview_images(self.pipe, latents) if latents is not None else None)
+            finally:
+                if thread.is_alive():
+                    stop.set()
+                thread.join()
         if "error" in outcome:
             raise outcome["error"]
         yield Finished(outcome["result"])
