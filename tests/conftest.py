@@ -2,9 +2,11 @@
 the tests folder on sys.path for the tiny-model builders (tests/tiny_sd3.py: diffusers-format SD3 folders and
 random ShapesWorld pipelines, one builder each), shared fixtures, and no network."""
 
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Each test process its own Gradio cache: the apps under test prune theirs, and must not delete another worker's files.
+os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="gradio-tests-")
+atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], True)
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 

@@ -170,14 +170,17 @@ def prune_outputs(folder: str | Path, max_age_s: float | None, max_bytes: int | 
     if (max_age_s is None and max_bytes is None) or not root.is_dir():
         return 0
     now = time.time() if now is None else now
-    files = []
-    for path in root.rglob("*"):
-        try:
-            if path.is_file() and not path.is_symlink():
-                stat = path.stat()
-                files.append((stat.st_mtime, stat.st_size, path))
-        except OSError:
-            continue
+    files, folders = [], []
+    for parent, subfolders, names in os.walk(root):  # unlike Path.rglob, os.walk skips what vanishes meanwhile
+        folders.extend(Path(parent, name) for name in subfolders)
+        for name in names:
+            path = Path(parent, name)
+            try:
+                if path.is_file() and not path.is_symlink():
+                    stat = path.stat()
+                    files.append((stat.st_mtime, stat.st_size, path))
+            except OSError:
+                continue
     files.sort()
     total = sum(size for _, size, _ in files)
     deleted = 0
@@ -193,7 +196,7 @@ def prune_outputs(folder: str | Path, max_age_s: float | None, max_bytes: int | 
             continue
         total -= size
         deleted += 1
-    for sub in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    for sub in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         try:
             if now - sub.stat().st_mtime > EMPTY_FOLDER_GRACE_S:  # a folder being filled right now stays
                 sub.rmdir()
