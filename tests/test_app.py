@@ -311,6 +311,7 @@ def test_generation_kwargs_map_widget_values():
         "skip_layer_guidance_start": 0.01,
         "skip_layer_guidance_stop": 0.2,
         "layout_guidance": 0.0,
+        "layout_control": 0.0,
     }
     assert controls.generation_kwargs(layout_guidance=0.1)["layout_guidance"] == 0.1
     assert controls.generation_kwargs(skip_layers=" 7, 8,9")["skip_guidance_layers"] == [7, 8, 9]

@@ -21,7 +21,13 @@ LAYERS: list[tuple[str, ...]] = [
         "workbench.offload",
     ),
     ("workbench.memory", "workbench.lora", "workbench.acceleration", "workbench.layout_guidance"),
-    ("workbench.pipeline",),
+    (
+        "workbench.pipeline",
+        "workbench.shapesworld.world",
+        "workbench.shapesworld.raster",
+        "workbench.shapesworld.binding",
+        "workbench.shapesworld.layout",
+    ),
     ("workbench.loading", "workbench.controlnet", "workbench"),
     (
         "workbench.frames",

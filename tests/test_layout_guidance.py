@@ -1,7 +1,10 @@
-"""Layout guidance (workbench/layout_guidance.py, workbench/shapesworld/layout.py): the guidance step lowers the
-token loss it follows; off, or with no layout, it is the plain sampler bit for bit; a model without a layout source
-refuses it by name; the embedded model's caption layouts put each object's words and region where the caption says;
-routing records and step counts are untouched; and on the embedded model it fixes relations."""
+"""Layout guidance and layout control (workbench/layout_guidance.py, workbench/shapesworld/layout.py, the layout
+ControlNet of workbench/controlnet.py): the guidance step lowers the token loss it follows; off, or with no layout, it
+is the plain sampler bit for bit; a model without a layout source refuses it by name; the embedded model's caption
+layouts put each object's words and region where the caption says; routing records and step counts are untouched;
+on the embedded model it fixes relations. Layout control gives each image its own layout's control image, leaves
+images without a layout alone, adds to a user's ControlNet, is refused by name without a layout ControlNet, and is
+the embedded model's default together with layout guidance (off when its ControlNet is missing)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from tiny_sd3 import random_shapesworld
 
 from workbench.layout_guidance import AttentionProbe, Layout, layout_constraint, token_loss
 from workbench.metadata import read_parameters
+from workbench.shapesworld.controlnet_training import controlnet_from_transformer, save_controlnet
 from workbench.shapesworld.evaluate import score
 from workbench.shapesworld.layout import CaptionLayouts, attach_caption_layouts
 from workbench.shapesworld.world import random_canonical_captions, tokenize
@@ -106,15 +110,13 @@ def test_caption_layouts_put_words_and_regions_where_the_caption_says():
 @pytest.mark.slow
 def test_on_the_embedded_model_relations_come_out_right_more_often(embedded_pipeline):
     pipe = embedded_pipeline
-    assert attach_caption_layouts(pipe)
     captions = random_canonical_captions(16, 7, "two")
     seeds = list(range(16))
     relation = {}
     for strength in (0.0, 0.1):
-        images = pipe(captions, seed=seeds, layout_guidance=strength).images
+        images = pipe(captions, seed=seeds, layout_guidance=strength, layout_control=0.0).images
         relation[strength] = sum(score(c, im)["relation"] for c, im in zip(captions, images))
     assert relation[0.1] >= relation[0.0] + 6, relation  # 3 → 12 of 16 on the EPYC of the README
-    pipe.layout_source = None  # the shared fixture as loaded
 
 
 def test_cli_takes_the_flag(tmp_path):
@@ -123,3 +125,93 @@ def test_cli_takes_the_flag(tmp_path):
     out = tmp_path / "x.png"
     assert main(["generate", "--prompt", TWO, "--steps", "2", "--layout-guidance", "0.1", "--out", str(out)]) == 0
     assert read_parameters(out)["layout_guidance"] == 0.1
+
+
+def random_controlnet(pipe, seed: int):
+    """A ControlNet for ``pipe`` whose residuals are not zero (the stock init zeroes its output heads)."""
+    model = controlnet_from_transformer(pipe.transformer, layers=1, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory):
+    """A random ShapesWorld pipeline with caption layouts and a random layout ControlNet read from its folder."""
+    pipe = random_shapesworld(seed=3, noise_seed=3)
+    folder = save_controlnet(random_controlnet(pipe, 1), tmp_path_factory.mktemp("cn") / "layout-cn", torch.float32)
+    assert attach_caption_layouts(pipe, folder)
+    return pipe
+
+
+def test_layout_control_draws_each_image_its_own_layout(controlled):
+    prompts, seeds = [TWO, "a picture of something"], [4, 5]
+    plain = controlled(prompts, seed=seeds, **RUN)
+    drawn = controlled(prompts, seed=seeds, layout_control=1.0, **RUN)
+    assert not torch.allclose(drawn.latents[0], plain.latents[0], atol=1e-3)
+    assert torch.equal(drawn.latents[1], plain.latents[1])  # free text: no layout, no control
+    alone = controlled(TWO, seed=4, layout_control=1.0, **RUN)
+    torch.testing.assert_close(alone.latents[0], drawn.latents[0], atol=1e-4, rtol=1e-4)
+    other_seed = (
+        controlled(TWO, seed=6, layout_control=1.0, **RUN).latents[0] - controlled(TWO, seed=6, **RUN).latents[0]
+    )
+    assert not torch.allclose(other_seed, drawn.latents[0] - plain.latents[0], atol=1e-3)  # another seed, layout
+    params = read_parameters(drawn.images[0])
+    assert params["layout_control"] == 1.0 and params["layout_controlnet"].startswith("layout-cn:")  # name:sha256
+    assert "layout_control" not in read_parameters(plain.images[0])
+
+
+def test_layout_control_adds_to_a_users_controlnet(controlled):
+    controlled.controlnets.attach(random_controlnet(controlled, 2), "user")
+    try:
+        edges = torch.zeros(3, 64, 64)
+        edges[:, 20:44, 20] = 1.0
+        user = controlled(TWO, seed=4, control_image=edges, **RUN).latents
+        layout = controlled(TWO, seed=4, layout_control=1.0, **RUN).latents
+        both = controlled(TWO, seed=4, control_image=edges, layout_control=1.0, **RUN)
+        assert not torch.allclose(both.latents, user, atol=1e-3) and not torch.allclose(both.latents, layout, atol=1e-3)
+        params = read_parameters(both.images[0])
+        assert params["controlnets"].startswith("user:1") and params["layout_controlnet"].startswith("layout-cn:")
+    finally:
+        controlled.controlnets.remove("user")
+
+
+def test_layout_control_needs_a_layout_controlnet_and_a_source(micro):
+    with pytest.raises(ValueError, match=r"layout_control=1 needs a layout ControlNet"):
+        micro(TWO, seed=0, layout_control=1.0, **RUN)
+    other = random_shapesworld(seed=3, noise_seed=3)
+    with pytest.raises(ValueError, match=r"layout_control=0\.5 needs a layout source"):
+        other(TWO, seed=0, layout_control=0.5, **RUN)
+    with pytest.raises(ValueError, match="layout_control"):
+        micro(TWO, seed=0, layout_control=11, **RUN)
+
+
+def test_the_embedded_model_plans_layouts_by_default_and_needs_its_controlnet(tmp_path):
+    import shutil
+
+    from workbench import load_pipeline
+    from workbench.loading import EMBEDDED_CONTROLNET, EMBEDDED_MODEL
+
+    pipe = load_pipeline()
+    assert (pipe.defaults.layout_guidance, pipe.defaults.layout_control) == (0.1, 1.0)
+    assert pipe.controlnets.layout.name == EMBEDDED_CONTROLNET.name and not pipe.controlnets.names
+    alone = shutil.copytree(EMBEDDED_MODEL, tmp_path / EMBEDDED_MODEL.name)  # without the ControlNet beside it
+    with pytest.warns(UserWarning, match="layout ControlNet '../shapesworld-controlnet-canny' is missing"):
+        copy = load_pipeline(alone)
+    assert (copy.defaults.layout_guidance, copy.defaults.layout_control) == (0.1, 0.0)
+    assert copy.controlnets.layout is None
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_planned_layouts_draw_two_objects_right(embedded_pipeline):
+    pipe = embedded_pipeline
+    captions = random_canonical_captions(16, 11, "two")
+    seeds = list(range(16))
+    right = {}
+    for planned in (False, True):
+        settings = {} if planned else dict(layout_guidance=0.0, layout_control=0.0)
+        images = pipe(captions, seed=seeds, **settings).images
+        right[planned] = sum(score(c, im)["all"] for c, im in zip(captions, images))
+    assert right[True] >= right[False] + 4, right

@@ -160,12 +160,18 @@ def test_draw_grid_places_tiles_under_labels():
 
 
 def test_cell_ids_of_earlier_sweeps_stay_as_they_were(tmp_path):
-    """A rerun recognises finished cells by id: ids computed before skip_layer_start / skip_layer_stop existed."""
-    plain = sweep.expand(sweep.parse_config({"output_dir": str(tmp_path), "prompts": ["a"], "seeds": [0]}))
-    assert [c.id for c in plain] == ["d338c890af"]
-    grid = {"output_dir": str(tmp_path), "prompts": ["a"], "guidance": [5, 6.0, 7.5], "steps": [24, 32]}
+    """A rerun recognises finished cells by id: ids computed before skip_layer_start / skip_layer_stop existed. Layout
+    guidance and control now default to the model's (on for the embedded model), which makes other images: a cell
+    that leaves them to the model gets a new id, one that turns them off keeps the old one."""
+    base = {"output_dir": str(tmp_path), "prompts": ["a"], "seeds": [0]}
+    plain = sweep.expand(sweep.parse_config(base))
+    assert [c.id for c in plain] == ["c5e0410816"]
+    layout_off = {"layout_guidance": [0.0], "layout_control": [0.0]}
+    off = sweep.expand(sweep.parse_config({**base, **layout_off}))
+    assert [c.id for c in off] == ["d338c890af"]
+    grid = {"output_dir": str(tmp_path), "prompts": ["a"], "guidance": [5, 6.0, 7.5], "steps": [24, 32], **layout_off}
     assert sweep.expand(sweep.parse_config({**grid, "sampler": ["euler", "heun"]}))[0].id == "56cc89ca8a"
-    later = sweep.parse_config({"output_dir": str(tmp_path), "prompts": ["a"], "skip_layer_start": [0.01, 0.1]})
+    later = sweep.parse_config({**base, "skip_layer_start": [0.01, 0.1], **layout_off})
     cells = sweep.expand(later)
     assert cells[0].id == "d338c890af" and cells[1].id != cells[0].id
     assert sweep.pipeline_kwargs(cells[1].settings)["skip_layer_guidance_start"] == 0.1

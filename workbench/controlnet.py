@@ -113,6 +113,8 @@ class ControlNetSet:
     def __init__(self, pipe: Pipeline) -> None:
         self.pipe = pipe
         self.entries: dict[str, ControlNetEntry] = {}
+        self.layout: ControlNetEntry | None = None
+        """The layout ControlNet (``layout_control``): it draws each image's own layout, apart from the entries."""
         pipe.conditioning_hooks.append(self.conditioning)
 
     def __len__(self) -> int:
@@ -129,22 +131,39 @@ class ControlNetSet:
         """Attach the ControlNet of a diffusers folder (or a pipeline folder's ``controlnet/``) or a single
         ``.safetensors`` file (diffusers' names or Stability's); returns its name (the folder's or file's stem
         unless ``name`` is given). Loading a name again replaces it."""
+        entry = self._read(path, scale, name)
+        self.entries[entry.name] = entry
+        return entry.name
+
+    def load_layout(self, path: str | Path) -> str:
+        """Make the ControlNet at ``path`` (as :meth:`load` reads it) the layout ControlNet: with ``layout_control``
+        > 0 it gets, for each image that has a layout (``pipe.layout_source``), that layout's control image. It is
+        not one of the entries (a ``control_image`` does not reach it). Returns its name."""
+        self.layout = self._read(path, 1.0, None)
+        return self.layout.name
+
+    def _read(self, path: str | Path, scale: float, name: str | None) -> ControlNetEntry:
         config, state, weights = read_controlnet(path, dtype=self.pipe.dtype)
         source = str(path)
         model = build_controlnet(config, state, source)
         files = [weights] if weights.is_file() else sorted(weights.glob("*.safetensors"))
         digest = file_sha256(files[0]) if len(files) == 1 else None
         stem = Path(path).name if Path(path).is_dir() else Path(path).stem
-        return self.attach(model, name or stem, scale, source, digest)
+        return self._entry_for(model, name or stem, scale, source, digest)
 
     def attach(
         self, model: SD3ControlNet, name: str, scale: float = 1.0, source: str = "", sha256: str | None = None
     ) -> str:
         """Attach a built :class:`SD3ControlNet` (moved to the pipeline's device and dtype) under ``name``."""
+        self.entries[name] = self._entry_for(model, name, scale, source, sha256)
+        return name
+
+    def _entry_for(
+        self, model: SD3ControlNet, name: str, scale: float, source: str, sha256: str | None
+    ) -> ControlNetEntry:
         check_compatible(model, self.pipe, name)
         model = model.to(self.pipe.device, self.pipe.dtype)
-        self.entries[name] = ControlNetEntry(name, model, _check_scale(scale), source, sha256)
-        return name
+        return ControlNetEntry(name, model, _check_scale(scale), source, sha256)
 
     def set_scale(self, name: str, scale: float) -> None:
         self._entry(name).scale = _check_scale(scale)
@@ -189,48 +208,119 @@ class ControlNetSet:
         return ((z - shift) * vae.scaling_factor).to(self.pipe.device, self.pipe.dtype)
 
     def conditioning(self, settings: GenerationSettings, inputs: Inputs, sigmas: torch.Tensor) -> Conditioning | None:
-        """The conditioning hook: None without ControlNets or without a ``control_image``."""
-        if not self.entries or inputs.control_image is None:
+        """The conditioning hook: the entries' residuals for a ``control_image`` (between ``control_guidance_start``
+        and ``_end``) plus the layout ControlNet's for ``layout_control``; None when neither applies."""
+        s = settings
+        runs: list[ControlRun] = []
+        parameters: dict[str, object] = {}
+        if self.entries and inputs.control_image is not None:
+            runs.append(self._entry_runs(s, inputs.control_image, sigmas))
+            parameters.update(self.metadata(s))
+        if self.layout is not None and s.layout_control:
+            layout_run = self._layout_run(s, inputs.layouts or [])
+            if layout_run is not None:
+                runs.append(layout_run)
+            digest = f":{self.layout.sha256[:10]}" if self.layout.sha256 else ""
+            parameters["layout_controlnet"] = f"{self.layout.name}{digest}"
+        if not parameters:
             return None
+
+        def kwargs(x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor) -> dict:
+            active = [run for run in runs if run.active(timestep)]
+            if not active:
+                return {}
+            return {
+                "block_controls": LazyControls(
+                    lambda: sum_controls([run(x, embeds, pooled, timestep) for run in active])
+                )
+            }
+
+        return Conditioning(kwargs, parameters)
+
+    def _entry_runs(self, s: GenerationSettings, images: object, sigmas: torch.Tensor) -> ControlRun:
+        """The attached entries on the call's control image(s), summed, active between start and end."""
         entries = list(self)
-        images = inputs.control_image
         images = list(images) if isinstance(images, (list, tuple)) else [images] * len(entries)
         if len(images) != len(entries):
             raise ValueError(
                 f"control_image lists {len(images)} images for {len(entries)} ControlNets ({', '.join(self.names)})"
             )
-        s = settings
         latents = [self.control_latents(img, e, s.height, s.width) for img, e in zip(images, entries)]
         steps = len(sigmas) - 1
         step_timesteps = torch.tensor([float(sigma) * 1000.0 for sigma in sigmas[:-1]])
         start, end, scale = s.control_guidance_start, s.control_guidance_end, s.controlnet_conditioning_scale
-        transformer = self.pipe.transformer
 
-        def kwargs(x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor) -> dict:
+        def active(timestep: torch.Tensor) -> bool:
             step = int((step_timesteps - float(timestep.reshape(-1)[0])).abs().argmin())
-            if step / steps < start or (step + 1) / steps > end:
-                return {}
+            return not (step / steps < start or (step + 1) / steps > end)
 
-            def run() -> list[torch.Tensor]:
-                controls = []
-                for entry, control in zip(entries, latents):
-                    config = entry.model.config
-                    controls.append(
-                        entry.model(
-                            x,
-                            control.expand(x.shape[0], -1, -1, -1).to(x.dtype),
-                            embeds if config.joint_attention_dim is not None else None,
-                            torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
-                            timestep,
-                            entry.scale * scale,
-                            pos_embed=transformer.pos_embed,
-                        )
-                    )
-                return sum_controls(controls)
+        def run(x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor) -> list:
+            controls = [
+                self._residuals(entry, x, control, embeds, pooled, timestep, entry.scale * scale)
+                for entry, control in zip(entries, latents)
+            ]
+            return sum_controls(controls)
 
-            return {"block_controls": LazyControls(run)}
+        return ControlRun(run, active)
 
-        return Conditioning(kwargs, self.metadata(settings))
+    def _layout_run(self, s: GenerationSettings, layouts: Sequence[object]) -> ControlRun | None:
+        """The layout ControlNet on each image's own layout control image (images without one: no residual), at
+        every step; None when no image has a layout."""
+        entry = self.layout
+        assert entry is not None
+        controls = [getattr(layout, "control", None) for layout in layouts]
+        known = [i for i, control in enumerate(controls) if control is not None]
+        if not known:
+            return None
+        latents = [self.control_latents(controls[i], entry, s.height, s.width) for i in known]
+        per_image = torch.zeros(len(controls), *latents[0].shape[1:], device=latents[0].device, dtype=latents[0].dtype)
+        per_image[known] = torch.cat(latents)
+        keep = torch.zeros(len(controls), 1, 1, device=per_image.device, dtype=per_image.dtype)
+        keep[known] = 1.0
+
+        def run(x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor) -> list:
+            repeats = x.shape[0] // len(controls)  # [negatives; positives], each in image order
+            residuals = self._residuals(
+                entry, x, per_image.repeat(repeats, 1, 1, 1), embeds, pooled, timestep, s.layout_control, expand=False
+            )
+            mask = keep.repeat(repeats, 1, 1).to(x.dtype)
+            return [r * mask for r in residuals]
+
+        return ControlRun(run, lambda timestep: True)
+
+    def _residuals(
+        self,
+        entry: ControlNetEntry,
+        x: torch.Tensor,
+        control: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        timestep: torch.Tensor,
+        scale: float,
+        expand: bool = True,
+    ) -> list[torch.Tensor]:
+        config = entry.model.config
+        return entry.model(
+            x,
+            (control.expand(x.shape[0], -1, -1, -1) if expand else control).to(x.dtype),
+            embeds if config.joint_attention_dim is not None else None,
+            torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
+            timestep,
+            scale,
+            pos_embed=self.pipe.transformer.pos_embed,
+        )
+
+
+@dataclass
+class ControlRun:
+    """One source of ControlNet residuals in a generation: ``run(x, embeds, pooled, timestep)`` → residual list,
+    and ``active(timestep)``: whether it applies at that evaluation."""
+
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]
+    active: Callable[[torch.Tensor], bool]
+
+    def __call__(self, x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor) -> list:
+        return self.run(x, embeds, pooled, timestep)
 
 
 class LazyControls(Sequence[torch.Tensor]):

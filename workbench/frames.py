@@ -346,12 +346,15 @@ def make_frames(
       conditioning travels as in ``travel``.
 
     ``easing`` ("linear" | "cosine") shapes the motion within each segment. ``generation_kwargs`` go to every
-    pipeline call (height, width, num_inference_steps, guidance_scale, negative_prompt, sampler, …).
+    pipeline call (height, width, num_inference_steps, guidance_scale, negative_prompt, sampler, …); layout guidance
+    and layout control are off unless given (a layout is planned per prompt and seed, so it would jump between
+    frames instead of moving).
     ``callback(frame_index, num_frames)`` runs after each finished frame (0-based index); returning ``False``
     stops and raises :class:`GenerationCancelled`, as does ``step_callback`` (the pipeline's per-step callback)
     returning ``False``. Raises ValueError naming the parameter for any invalid argument, before generating.
     """
     seeds = _seed_list(seed, mode)
+    generation_kwargs = {"layout_guidance": 0.0, "layout_control": 0.0, **generation_kwargs}
     _validate(prompts, mode, num_frames, seeds, loopback_strength, easing, generation_kwargs)
     prompts = list(prompts)
     keys = len(seeds) if mode == "walk" else len(prompts)

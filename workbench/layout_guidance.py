@@ -37,10 +37,12 @@ LAYOUT_ITERATIONS = 3
 class Layout:
     """Where one image's objects go: ``words (O, L)`` 1 at the text positions (of the joint text sequence the
     transformer sees) that name object o, else 0; ``regions (O, H, W)`` in [0, 1], object o's coverage at any
-    resolution (pooled to the token grid)."""
+    resolution (pooled to the token grid); ``control``: the layout drawn as the control image of the model's layout
+    ControlNet (``layout_control``; the embedded model's: Canny edges of the planned scene, PIL RGB), or None."""
 
     words: torch.Tensor
     regions: torch.Tensor
+    control: object = None
 
 
 LayoutSource = Callable[[Sequence[str], Sequence[int], int, int, int], "list[Layout | None]"]

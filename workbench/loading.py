@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,11 @@ from workbench.models.text import DEFAULT_COMPONENTS, SLOTS, TextConditioner
 from workbench.models.vae import AutoencoderKL, VAEConfig
 from workbench.pipeline import GenerationDefaults, Pipeline
 from workbench.presets import GENERATION_DEFAULTS, guess_family
+from workbench.shapesworld.layout import attach_caption_layouts
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapesworld-moe"
+EMBEDDED_CONTROLNET = EMBEDDED_MODEL.with_name("shapesworld-controlnet-canny")
+"""The embedded model's ControlNet (Canny edges or outline drawings; also its layout ControlNet)."""
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -428,5 +433,20 @@ def load_pipeline(
     )
     if controlnet is not None:
         attach_all(pipe, controlnet)
+    attach_caption_layouts(pipe, _layout_controlnet(pipe, folder))
     accelerate_pipeline(pipe, compile=compile, fp8=fp8)
     return pipe
+
+
+def _layout_controlnet(pipe: Pipeline, folder: Path) -> Path | None:
+    """The layout ControlNet the model folder names (``layout_controlnet`` in its defaults, relative to it); when
+    it is missing, a warning and the model's ``layout_control`` default becomes 0."""
+    name = pipe.defaults.layout_controlnet
+    if name is None or not folder.is_dir():
+        return None
+    path = (folder / name).resolve()
+    if not (path / "config.json").is_file():
+        warnings.warn(f"{folder.name}: its layout ControlNet {name!r} is missing; layout control is off", stacklevel=3)
+        pipe.defaults = replace(pipe.defaults, layout_control=0.0)
+        return None
+    return path

@@ -27,7 +27,9 @@ PARAMETER_KEYS = {"num_inference_steps": "steps"}
 _SETTING_BY_KEY = {PARAMETER_KEYS.get(s.name, s.name): s for s in SETTINGS if s.png}
 _OTHER_LABELS = {"size": "Size", "model": "Model", "mask_size": "Mask size", "mask_coverage": "Mask coverage"}
 _OTHER_LABELS["loras"] = "LoRAs"
-_OTHER_LABELS.update(controlnets="ControlNet", controlnet_preprocessors="ControlNet preprocessor")
+_OTHER_LABELS.update(
+    controlnets="ControlNet", controlnet_preprocessors="ControlNet preprocessor", layout_controlnet="Layout ControlNet"
+)
 KEY_ORDER = [
     (key, _SETTING_BY_KEY[key].png if key in _SETTING_BY_KEY else _OTHER_LABELS[key])
     for key in (
@@ -54,6 +56,8 @@ KEY_ORDER = [
         "skip_layer_guidance_stop",
         "cache_threshold",
         "layout_guidance",
+        "layout_control",
+        "layout_controlnet",
         "loras",
         "controlnets",
         "controlnet_preprocessors",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from workbench import flow
-from workbench.layout_guidance import LayoutSource, layout_constraint
+from workbench.layout_guidance import Layout, LayoutSource, layout_constraint
 from workbench.lora import LoRASet
 from workbench.metadata import format_parameters
 from workbench.models.mmdit import MMDiT
@@ -42,6 +42,8 @@ class Inputs:
     initial_latents: torch.Tensor | None = None
     prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
     control_image: object = None
+    layouts: Sequence[Layout | None] | None = None
+    """Set by the pipeline for the conditioning hooks: each image's layout (``layout_control``), else None."""
 
 
 @dataclass
@@ -353,7 +355,8 @@ class Pipeline:
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
         cache_threshold: float = 0.0,
-        layout_guidance: float = 0.0,
+        layout_guidance: float | None = None,
+        layout_control: float | None = None,
         control_image: object = None,
         controlnet_conditioning_scale: float = 1.0,
         control_guidance_start: float = 0.0,
@@ -386,6 +389,9 @@ class Pipeline:
         ``layout_guidance`` (> 0) moves the latents after the first step so that each object's words attend to where
         the prompt's layout puts it (:mod:`workbench.layout_guidance`); it needs ``pipe.layout_source`` (the embedded
         model's reads canonical ShapesWorld captions: :func:`workbench.shapesworld.layout.attach_caption_layouts`).
+        ``layout_control`` (> 0) also draws each image's layout as the control image of the layout ControlNet
+        (``pipe.controlnets.load_layout(path)``; the embedded model's: ``shapesworld-controlnet-canny``) at that
+        scale, for every step; images without a layout get no control.
         """
         given = {name: value for name, value in locals().items() if name in BY_NAME}  # the settings' arguments
         if image is not None and (height is None or width is None):
@@ -443,10 +449,12 @@ class Pipeline:
             embeds, pooled = self._conditioning(
                 prompts, negatives, s.guidance_scale, s.max_sequence_length, inputs.prompt_embeds
             )
+            layouts = self._layouts(s, prompts, seeds, embeds.shape[1])
             constraint = chain_constraints(
-                self._layout_constraint(s.layout_guidance, prompts, seeds, s.height, s.width, embeds, pooled),
+                self._layout_constraint(s.layout_guidance, layouts, embeds, pooled),
                 inpaint_constraint(mask.to(self.device), clean, noise) if mask is not None else None,
             )
+            inputs = replace(inputs, layouts=layouts)
             conditionings = self._conditionings(s, inputs, sigmas)
             model_fn = self._model_fn(embeds, pooled, routing, conditionings)
             velocity = cache.velocity(flow.cfg_velocity(model_fn, guidance_rule))
@@ -593,27 +601,33 @@ class Pipeline:
         neg_embeds, neg_pooled = self.encode_prompts(negatives, None, max_sequence_length)
         return torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
 
+    def _layouts(
+        self, s: GenerationSettings, prompts: list[str], seeds: list[int], sequence_length: int
+    ) -> list[Layout | None] | None:
+        """Each image's layout from the layout source when layout guidance or layout control is on (else None);
+        ValueError when they are asked for without a layout source."""
+        if not (s.layout_guidance or s.layout_control):
+            return None
+        if self.layout_source is None:
+            asked = "layout_guidance" if s.layout_guidance else "layout_control"
+            raise ValueError(
+                f"{asked}={getattr(s, asked):g} needs a layout source for the prompts (pipe.layout_source); this "
+                "model has none (the embedded model's: workbench.shapesworld.layout.attach_caption_layouts(pipe)); "
+                "use 0"
+            )
+        return self.layout_source(prompts, seeds, s.height, s.width, sequence_length)
+
     def _layout_constraint(
         self,
         strength: float,
-        prompts: list[str],
-        seeds: list[int],
-        height: int,
-        width: int,
+        layouts: list[Layout | None] | None,
         embeds: torch.Tensor,
         pooled: torch.Tensor,
     ) -> flow.LatentConstraint | None:
-        """Layout guidance's constraint for this batch (None when off); ValueError when it is asked for without a
-        layout source."""
-        if strength == 0:
+        """Layout guidance's constraint for this batch (None when off)."""
+        if strength == 0 or layouts is None:
             return None
-        if self.layout_source is None:
-            raise ValueError(
-                f"layout_guidance={strength:g} needs a layout source for the prompts (pipe.layout_source); this model "
-                "has none (the embedded model's: workbench.shapesworld.layout.attach_caption_layouts(pipe)); use 0"
-            )
-        layouts = self.layout_source(prompts, seeds, height, width, embeds.shape[1])
-        positive = slice(embeds.shape[0] - len(prompts), None)
+        positive = slice(embeds.shape[0] - len(layouts), None)
         return layout_constraint(self.transformer, layouts, embeds[positive], pooled[positive], strength)
 
     def _conditionings(self, settings: GenerationSettings, inputs: Inputs, sigmas: torch.Tensor) -> list[Conditioning]:
@@ -622,6 +636,11 @@ class Pipeline:
         conditionings = [c for hook in self.conditioning_hooks if (c := hook(settings, inputs, sigmas)) is not None]
         if inputs.control_image is not None and not conditionings:
             raise ValueError("control_image needs a ControlNet: attach one with pipe.controlnets.load(path)")
+        if settings.layout_control and not any("layout_controlnet" in c.parameters for c in conditionings):
+            raise ValueError(
+                f"layout_control={settings.layout_control:g} needs a layout ControlNet: attach one with "
+                "pipe.controlnets.load_layout(path) (the embedded model's: attach_caption_layouts(pipe)); use 0"
+            )
         return conditionings
 
     def _model_fn(
@@ -703,6 +722,7 @@ def image_parameters(
         "loras": loras,
         "cache_threshold": s.cache_threshold or None,
         "layout_guidance": s.layout_guidance or None,
+        "layout_control": s.layout_control or None,
         **_skip_layer_parameters(
             s.skip_guidance_layers, s.skip_layer_guidance_scale, s.skip_layer_guidance_start, s.skip_layer_guidance_stop
         ),

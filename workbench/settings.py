@@ -43,9 +43,11 @@ MODEL_DEFAULT: Any = type("ModelDefault", (), {"__repr__": lambda self: "MODEL_D
 class GenerationDefaults:
     """Per-model defaults, read from the model folder (``model_index.json``'s ``workbench`` entry) or a preset.
 
-    The fields named like a setting (steps, guidance, shift, size, sampler, guidance interval) are that setting's
-    default for this model; ``prompt`` / ``negative_prompt`` prefill the app; the ``latent_rgb_*`` factors drive the
-    live preview. The class defaults are SD3-Medium's."""
+    The fields named like a setting (steps, guidance, shift, size, sampler, guidance interval, layout guidance and
+    control) are that setting's default for this model; ``prompt`` / ``negative_prompt`` prefill the app; the
+    ``latent_rgb_*`` factors drive the live preview; ``layout_controlnet`` is the ControlNet folder (relative to the
+    model folder) that ``layout_control`` uses, attached when the model is loaded. The class defaults are
+    SD3-Medium's."""
 
     num_inference_steps: int = 28
     guidance_scale: float = 7.0
@@ -58,6 +60,9 @@ class GenerationDefaults:
     latent_rgb_factors: list[list[float]] | None = None
     latent_rgb_bias: list[float] | None = None
     guidance_interval: list[float] | None = None
+    layout_guidance: float = 0.0
+    layout_control: float = 0.0
+    layout_controlnet: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationDefaults:
@@ -302,10 +307,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache_threshold", "float", 0.0, "step caching (TeaCache-style, workbench.step_cache): reuse the last "
             "transformer residual while the summed relative change of the first block's input stays below this; "
             "0 = off", 0, 10, cli="--cache-threshold", sweep="cache_threshold", png="Cache threshold"),
-    Setting("layout_guidance", "float", 0.0, "attention-to-layout guidance (workbench.layout_guidance): after the "
-            "first step, move the latents so that each object's words attend to where the prompt's layout puts it; "
-            "needs the model's layout source (the embedded model reads canonical captions); 0 = off", 0, 10,
+    Setting("layout_guidance", "float", MODEL_DEFAULT, "attention-to-layout guidance "
+            "(workbench.layout_guidance): after the first step, move the latents so that each object's words attend "
+            "to where the prompt's layout puts it; needs the model's layout source (the embedded model reads "
+            "canonical captions); 0 = off", 0, 10,
             cli="--layout-guidance", sweep="layout_guidance", app=True, png="Layout guidance"),
+    Setting("layout_control", "float", MODEL_DEFAULT, "layout control: draw each image's layout (from the "
+            "model's layout source) as the control image of the model's layout ControlNet, at this scale (the "
+            "embedded model's: Canny edges of the planned scene); 0 = off", 0, 10,
+            cli="--layout-control", sweep="layout_control", app=True, png="Layout control"),
     Setting("controlnet_conditioning_scale", "float", 1.0, "ControlNet: scale of the residuals (times each "
             "ControlNet's own scale)", 0, 10, cli="--controlnet-scale", cli_needs="--control",
             sweep="controlnet_conditioning_scale", png="ControlNet scale"),
@@ -382,6 +392,7 @@ class GenerationSettings:
     skip_layer_guidance_stop: float = 0.2
     cache_threshold: float = 0.0
     layout_guidance: float = 0.0
+    layout_control: float = 0.0
     controlnet_conditioning_scale: float = 1.0
     control_guidance_start: float = 0.0
     control_guidance_end: float = 1.0

@@ -89,7 +89,6 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, inputs: tuple[str, .
 def load_from_args(args: argparse.Namespace):
     from workbench import load_pipeline
     from workbench.lora import parse_lora_spec
-    from workbench.shapesworld.layout import attach_caption_layouts
 
     specs = [parse_lora_spec(spec) for spec in getattr(args, "lora", [])]
     pipe = load_pipeline(
@@ -102,7 +101,6 @@ def load_from_args(args: argparse.Namespace):
         compile=getattr(args, "compile", False),  # commands without --compile (training) never compile
         fp8=getattr(args, "fp8", False),
     )
-    attach_caption_layouts(pipe)  # the embedded model's layout source (--layout-guidance)
     for path, strength in specs:
         pipe.loras.load(path, strength=strength)
     if getattr(args, "fuse_loras", False):

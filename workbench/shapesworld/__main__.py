@@ -90,7 +90,6 @@ def _eval(args: argparse.Namespace) -> int:
     from workbench.pipeline import parse_block_list
     from workbench.shapesworld.evaluate import evaluate, format_table
     from workbench.shapesworld.failures import format_breakdown
-    from workbench.shapesworld.layout import attach_caption_layouts
 
     pipe = load_pipeline(
         args.model,
@@ -112,8 +111,8 @@ def _eval(args: argparse.Namespace) -> int:
         skip_guidance_layers=parse_block_list("--skip-layers", args.skip_layers) or None,
         cache_threshold=args.cache_threshold,
         layout_guidance=args.layout_guidance,
+        layout_control=args.layout_control,
     )
-    attach_caption_layouts(pipe)
 
     routed = pipe.num_experts > 1
     top_k = pipe.transformer.moe_layers[0].top_k if routed else 0  # num_experts for soft routing
@@ -277,8 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--layout-guidance",
         type=float,
-        default=0.0,
-        help="attention-to-layout guidance strength (workbench.layout_guidance; 0.1 recommended); 0 = off",
+        default=None,
+        help="attention-to-layout guidance strength (workbench.layout_guidance); 0 = off (default: the model's)",
+    )
+    ev.add_argument(
+        "--layout-control",
+        type=float,
+        default=None,
+        help="scale of the layout ControlNet on each caption's planned layout; 0 = off (default: the model's)",
     )
     ev.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="attach a LoRA; repeatable")
     ev.add_argument("--breakdown", action="store_true", help="also print where it fails (per shape, size, reason)")

@@ -10,10 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from workbench.loading import EMBEDDED_MODEL
-
-EMBEDDED_CONTROLNET = EMBEDDED_MODEL.with_name("shapesworld-controlnet-canny")
-"""Where the shipped ControlNet of the embedded model lives (a diffusers ControlNet folder)."""
+from workbench.loading import EMBEDDED_CONTROLNET, EMBEDDED_MODEL
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -57,6 +54,8 @@ def run_eval(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model)
     name = pipe.controlnets.load(args.controlnet)
     call = dict(
+        layout_guidance=0.0,  # the ControlNet alone, against the model alone
+        layout_control=0.0,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         controlnet_conditioning_scale=args.scale,

@@ -99,6 +99,7 @@ _LABELS = {  # short labels in file names; a key not listed is its own label wit
     "max_sequence_length": "msl",
     "controlnet_conditioning_scale": "cn",
     "layout_guidance": "lg",
+    "layout_control": "lc",
 }
 _SWEEP_KEYS = {spec.sweep: spec for spec in settings.SETTINGS if spec.sweep}
 SETTINGS: dict[str, Setting] = {
@@ -120,6 +121,7 @@ LATER_KEYS: dict[str, Any] = {
     "cache_threshold": 0.0,
     "controlnet_conditioning_scale": 1.0,
     "layout_guidance": 0.0,
+    "layout_control": 0.0,
 }
 """Setting keys added after the first sweeps, with their defaults; a cell at these defaults keeps its old id."""
 GENERAL_KEYS = (

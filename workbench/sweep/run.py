@@ -56,12 +56,10 @@ class _Models:
     def get(self, quantization: str | None):
         if self.key != quantization:
             from workbench import load_pipeline
-            from workbench.shapesworld.layout import attach_caption_layouts
 
             self.pipe = None
             dtype = getattr(torch, self.config.dtype)
             self.pipe = load_pipeline(self.config.model, self.device, dtype, quantization=quantization)
-            attach_caption_layouts(self.pipe)  # layout_guidance on the embedded model
             if self.config.lora is not None:
                 self.pipe.loras.load(self.config.lora, name="sweep")
             if self.config.controlnet is not None:

@@ -45,6 +45,7 @@ class SamplingValues:
     skip_layer_start: float
     skip_layer_stop: float
     layout_guidance: float
+    layout_control: float
 
     def kwargs(self, **overrides: Any) -> dict:
         """:func:`generation_kwargs` of these values, ``overrides`` (such as ``batch_count=1``) replacing fields;
@@ -79,6 +80,7 @@ def sampling_defaults(pipe: Pipeline) -> SamplingValues:
         skip_layer_start=SKIP_LAYER_DEFAULTS["start"],
         skip_layer_stop=SKIP_LAYER_DEFAULTS["stop"],
         layout_guidance=default("layout_guidance"),
+        layout_control=default("layout_control"),
     )
 
 
@@ -119,6 +121,7 @@ class SamplingControls:
     skip_layer_start: gr.Slider
     skip_layer_stop: gr.Slider
     layout_guidance: gr.Slider
+    layout_control: gr.Slider
     reuse_seed: gr.Button
     random_seed: gr.Button
 
@@ -208,15 +211,25 @@ def sampling_controls(
             skip_scale = gr.Slider(0, 10, value=SKIP_LAYER_DEFAULTS["scale"], step=0.1, label="SLG scale")
             skip_start = gr.Slider(0, 1, value=SKIP_LAYER_DEFAULTS["start"], step=0.01, label="SLG start")
             skip_stop = gr.Slider(0, 1, value=SKIP_LAYER_DEFAULTS["stop"], step=0.01, label="SLG stop")
-        layout = gr.Slider(
-            0,
-            1,
-            value=default_value("layout_guidance"),
-            step=0.01,
-            label="Layout guidance (0 = off)",
-            info="the embedded model: steer each object's words to where its caption puts it (0.1 recommended)",
-            elem_id=f"{prefix}-layout-guidance",
-        )
+        with gr.Row():
+            layout = gr.Slider(
+                0,
+                1,
+                value=d.layout_guidance,
+                step=0.01,
+                label="Layout guidance (0 = off)",
+                info="steer each object's words to where the caption's planned layout puts it",
+                elem_id=f"{prefix}-layout-guidance",
+            )
+            layout_control = gr.Slider(
+                0,
+                2,
+                value=d.layout_control,
+                step=0.05,
+                label="Layout control (0 = off)",
+                info="draw the caption's planned layout through the model's layout ControlNet",
+                elem_id=f"{prefix}-layout-control",
+            )
     random_seed.click(lambda: -1, None, seed, queue=False, api_visibility="private")
     return SamplingControls(
         prompt,
@@ -238,6 +251,7 @@ def sampling_controls(
         skip_start,
         skip_stop,
         layout,
+        layout_control,
         reuse_seed,
         random_seed,
     )
@@ -268,6 +282,7 @@ def generation_kwargs(
     skip_layer_start: float = SKIP_LAYER_DEFAULTS["start"],
     skip_layer_stop: float = SKIP_LAYER_DEFAULTS["stop"],
     layout_guidance: float = 0.0,
+    layout_control: float = 0.0,
 ) -> dict:
     """Widget values → keyword arguments of the pipeline call (names as in :meth:`workbench.Pipeline.__call__`)."""
     seed_value = _int("seed", seed)
@@ -291,6 +306,7 @@ def generation_kwargs(
         "skip_layer_guidance_start": float(skip_layer_start),
         "skip_layer_guidance_stop": float(skip_layer_stop),
         "layout_guidance": float(layout_guidance),
+        "layout_control": float(layout_control),
     }
 
 
@@ -329,4 +345,5 @@ def parameters_to_settings(params: dict, pipe: Pipeline) -> dict[str, object]:
         "skip_layer_start": float(params.get("skip_layer_guidance_start", SKIP_LAYER_DEFAULTS["start"])),
         "skip_layer_stop": float(params.get("skip_layer_guidance_stop", SKIP_LAYER_DEFAULTS["stop"])),
         "layout_guidance": float(params.get("layout_guidance") or 0.0),
+        "layout_control": float(params.get("layout_control") or 0.0),
     }

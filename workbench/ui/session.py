@@ -171,8 +171,9 @@ class Workbench:
     @staticmethod
     def _adopt(pipe: Pipeline) -> None:
         """Make a newly loaded pipeline the app's: its transformer stops at a cancelled run's next call, and a
-        ShapesWorld model gets its caption layouts (layout guidance)."""
-        attach_caption_layouts(pipe)
+        ShapesWorld model built without :func:`workbench.load_pipeline` gets its caption layouts (layout guidance)."""
+        if pipe.layout_source is None:
+            attach_caption_layouts(pipe)
         transformer = getattr(pipe, "transformer", None)
         if isinstance(transformer, torch.nn.Module) and not getattr(transformer, "_workbench_cancel_hook", False):
             transformer.register_forward_pre_hook(cancel_hook)
