@@ -674,6 +674,7 @@ SHAPESWORLD_ROWS = (
     "nf4",
     "nf4, modulation kept",
     "fp32, guidance for σ ≥ 0.3",
+    "fp32, model alone (no planned layout)",
 )
 
 
@@ -683,18 +684,21 @@ def section_shapesworld(n: int, precisions: tuple[str, ...], steps: int | None, 
     import numpy as np
 
     from workbench import load_pipeline
-    from workbench.loading import EMBEDDED_MODEL
+    from workbench.loading import EMBEDDED_CONTROLNET, EMBEDDED_MODEL
     from workbench.shapesworld.evaluate import evaluate
 
     if not (EMBEDDED_MODEL / "model_index.json").is_file():
         return f"### 3. ShapesWorld\n\nskipped: no model at {EMBEDDED_MODEL}"
     snapshot = shutil.copytree(EMBEDDED_MODEL, work / "shapesworld-snapshot")
+    if EMBEDDED_CONTROLNET.is_dir():  # its layout ControlNet, where the model folder names it (../)
+        shutil.copytree(EMBEDDED_CONTROLNET, work / EMBEDDED_CONTROLNET.name)
     exported = time.strftime("%H:%M UTC", time.gmtime((EMBEDDED_MODEL / "transformer").stat().st_mtime))
     settings = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "int8": {"quantization": "int8"}}
     settings.update({"nf4": {"quantization": "nf4"}, "nf4, modulation kept": {"quantization": "nf4"}})
     settings["nf4, modulation kept"]["quantize_modulation"] = False
     settings["int8 weight-only"] = {"quantization": "int8", "int8_backend": "weight_only"}
     settings["fp32, guidance for σ ≥ 0.3"] = {"call": {"guidance_interval": (0.3, 1.0)}}
+    settings["fp32, model alone (no planned layout)"] = {"call": {"layout_guidance": 0.0, "layout_control": 0.0}}
     rows, reference, reference_images = [], None, None
     for name in precisions:
         pipe = load_pipeline(snapshot, **{k: v for k, v in settings[name].items() if k != "call"})

@@ -9,7 +9,8 @@
 #        baseline (flow loss only), token (--token-loss TOKEN_LOSS), negative (--negative-loss NEGATIVE_LOSS), both;
 #   3. each arm exported (EMA weights, sampling defaults STEPS / GUIDANCE / SHIFT) and, with EVAL_N > 0, probed
 #      (sensitivity, at most 60 s) and evaluated on EVAL_N captions with the failure breakdown in each of
-#      EVAL_VARIANTS (fp32 nf4 int8; at most EVAL_SECONDS each); these run after the training.
+#      EVAL_VARIANTS (fp32 nf4 int8; at most EVAL_SECONDS each), the weights alone (no layout guidance or control);
+#      these run after the training.
 # Writes, per arm, OUT_DIR/<arm>/{train.log, run/transformer.json, run/transformer_log.jsonl, sensitivity.txt,
 # eval.txt (fp32), eval_nf4.txt, eval_int8.txt, model.tgz.*} (the exported folder as a tar.gz cut into pieces of at
 # most 15 MiB: `cat OUT_DIR/ARM/model.tgz.* | tar xz`), and OUT_DIR/summary.md, one row per arm
@@ -95,7 +96,8 @@ for arm in "${arms[@]}"; do
     [ "$variant" = fp32 ] || { quantization=(--quantization "$variant"); name=eval_$variant.txt; }
     echo "-- eval $variant on ${EVAL_N} captions (after $((SECONDS - begin)) s)"
     timeout "${EVAL_SECONDS:-90}" "$python" -m workbench.shapesworld eval --model "$export" --n "$EVAL_N" \
-      --device "$device" --batch-size 250 --breakdown "${quantization[@]}" > "$dir/$name" 2>&1
+      --device "$device" --batch-size 250 --breakdown --layout-guidance 0 --layout-control 0 "${quantization[@]}" \
+      > "$dir/$name" 2>&1
     echo "eval exit $?"; grep -E '^\| 128|captions' "$dir/$name"
   done
 done

@@ -46,7 +46,7 @@ for arm in "${arms[@]}"; do
   fi
   echo "== $arm: eval and sensitivity $(date +%T)"
   "$python" -m workbench.shapesworld eval --model "$model" --n "${EVAL_N:-400}" --seed 3 --breakdown \
-    --dtype bfloat16 --device "$device" > "$dir/eval.txt" 2>&1
+    --dtype bfloat16 --device "$device" --layout-guidance 0 --layout-control 0 > "$dir/eval.txt" 2>&1
   "$python" -m workbench.shapesworld sensitivity --model "$model" --device "$device" > "$dir/sensitivity.txt" 2>&1
   grep -E '^\| 128' "$dir/eval.txt"
   grep -E 'relation flipped|colours swapped' "$dir/sensitivity.txt"

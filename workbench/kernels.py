@@ -23,9 +23,10 @@ ROW_BUCKET = 64
 class PackedLinear(nn.Module):
     """An ``nn.Linear`` on oneDNN with the weight pre-packed for the CPU (optionally followed by a fused tanh-GELU).
 
-    Inference only; ``state_dict`` holds the usual dense ``weight`` and ``bias`` (the names of the module it
-    replaces; with ``gelu`` it replaces a :class:`GELUProjection` and keeps its ``proj.`` prefix). Moving it to
-    another device or dtype unpacks it into a plain dense weight.
+    Inference kernels: an input that needs a gradient (layout guidance) takes the dense weight. ``state_dict`` holds
+    the usual dense ``weight`` and ``bias`` (the names of the module it replaces; with ``gelu`` it replaces a
+    :class:`GELUProjection` and keeps its ``proj.`` prefix). Moving it to another device or dtype unpacks it into a
+    plain dense weight.
     """
 
     def __init__(self, linear: nn.Linear, gelu: bool = False, batch_hint: int = 2048) -> None:
@@ -42,7 +43,8 @@ class PackedLinear(nn.Module):
         return self.unpacked if self.packed is None else self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.dtype != self.dtype or x.device.type != "cpu":
+        differentiable = torch.is_grad_enabled() and x.requires_grad  # oneDNN's packed kernel has no backward
+        if self.packed is None or differentiable or x.dtype != self.dtype or x.device.type != "cpu":
             out = F.linear(x, self.weight.to(x), None if self.bias is None else self.bias.to(x))
             return F.gelu(out, approximate="tanh") if self.gelu else out
         rows = x.shape[0]

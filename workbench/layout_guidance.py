@@ -18,6 +18,7 @@ model with ``python -m workbench.shapesworld eval --layout-guidance S`` (README,
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,9 +29,15 @@ from torch import nn
 
 from workbench.flow import NUM_TRAIN_TIMESTEPS, LatentConstraint
 from workbench.models.mmdit import MMDiT
+from workbench.quantization import passes_gradients
 
 LAYOUT_ITERATIONS = 3
 """Gradient steps on the latents after the first sampler step."""
+NO_GRADIENT = (
+    "layout guidance skipped: the transformer's layers give no gradient with respect to the latents (quantized "
+    "kernels without a backward: bitsandbytes' nf4 / fp4 / int8 layers, torch's dynamic int8); the other settings "
+    "apply; use int8 (weight-only), no quantization, or layout_guidance=0"
+)
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,9 @@ def layout_constraint(
     conditioning. None when ``strength`` is 0 or no image has a layout."""
     if strength == 0 or all(layout is None for layout in layouts):
         return None
+    if not passes_gradients(transformer):
+        warnings.warn(NO_GRADIENT, stacklevel=3)
+        return None
     patch = transformer.config.patch_size
 
     def step(x: torch.Tensor, sigma: float, words: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -168,7 +178,10 @@ def layout_constraint(
                 transformer(latent, embeds, pooled, timestep)
             maps = probe.maps()
             loss = sum(token_loss(m, words, masks) for m in maps) / len(maps)
-            (gradient,) = torch.autograd.grad(loss, latent)
+            gradient = torch.autograd.grad(loss, latent, allow_unused=True)[0] if loss.requires_grad else None
+        if gradient is None:  # layers without a backward (bitsandbytes' 4-bit CPU kernel) cut the graph
+            warnings.warn(NO_GRADIENT, stacklevel=2)
+            return x
         gradient = gradient.float()
         rms = gradient.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)[:, None, None, None]
         return (x - strength * sigma * gradient / rms).to(x.dtype)

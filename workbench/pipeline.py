@@ -450,9 +450,11 @@ class Pipeline:
                 prompts, negatives, s.guidance_scale, s.max_sequence_length, inputs.prompt_embeds
             )
             layouts = self._layouts(s, prompts, seeds, embeds.shape[1])
+            guide = self._layout_constraint(s.layout_guidance, layouts, embeds, pooled)
+            if guide is None and s.layout_guidance:  # skipped (no layout, or no gradient): not in the metadata
+                s = replace(s, layout_guidance=0.0)
             constraint = chain_constraints(
-                self._layout_constraint(s.layout_guidance, layouts, embeds, pooled),
-                inpaint_constraint(mask.to(self.device), clean, noise) if mask is not None else None,
+                guide, inpaint_constraint(mask.to(self.device), clean, noise) if mask is not None else None
             )
             inputs = replace(inputs, layouts=layouts)
             conditionings = self._conditionings(s, inputs, sigmas)

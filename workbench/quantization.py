@@ -230,6 +230,13 @@ def _quantized_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def passes_gradients(model: nn.Module) -> bool:
+    """Whether an input gradient flows through every quantized linear of ``model``: our int8 weight-only layer
+    dequantizes into ``F.linear``; bitsandbytes' layers and torch's dynamic int8 have no usable backward here."""
+    blocking = tuple(t for t in _quantized_types() if t not in QUANTIZED_TYPES)
+    return not any(isinstance(module, blocking) for module in model.modules())
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether any submodule of ``model`` is a quantized linear layer."""
     types = _quantized_types()
