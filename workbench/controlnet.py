@@ -183,10 +183,7 @@ class ControlNetSet:
     def metadata(self, settings: GenerationSettings) -> dict[str, object]:
         """The PNG ``parameters`` entries: per ControlNet ``name:scale:sha256[:10]`` and preprocessor, and the
         call's scale, start and end."""
-        items = []
-        for entry in self:
-            digest = f":{entry.sha256[:10]}" if entry.sha256 else ""
-            items.append(f"{entry.name}:{entry.scale:g}{digest}")
+        items = [f"{entry.name}:{entry.scale:g}{_digest(entry)}" for entry in self]
         preprocessors = [entry.preprocessor or "none" for entry in self]
         return {
             "controlnets": ", ".join(items),
@@ -217,11 +214,10 @@ class ControlNetSet:
             runs.append(self._entry_runs(s, inputs.control_image, sigmas))
             parameters.update(self.metadata(s))
         if self.layout is not None and s.layout_control:
-            layout_run = self._layout_run(s, inputs.layouts or [])
+            layout_run = self._layout_run(self.layout, s, inputs.layouts or [])
             if layout_run is not None:
                 runs.append(layout_run)
-            digest = f":{self.layout.sha256[:10]}" if self.layout.sha256 else ""
-            parameters["layout_controlnet"] = f"{self.layout.name}{digest}"
+            parameters["layout_controlnet"] = f"{self.layout.name}{_digest(self.layout)}"
         if not parameters:
             return None
 
@@ -231,7 +227,7 @@ class ControlNetSet:
                 return {}
             return {
                 "block_controls": LazyControls(
-                    lambda: sum_controls([run(x, embeds, pooled, timestep) for run in active])
+                    lambda: sum_controls([run.run(x, embeds, pooled, timestep) for run in active])
                 )
             }
 
@@ -263,11 +259,11 @@ class ControlNetSet:
 
         return ControlRun(run, active)
 
-    def _layout_run(self, s: GenerationSettings, layouts: Sequence[object]) -> ControlRun | None:
-        """The layout ControlNet on each image's own layout control image (images without one: no residual), at
-        every step; None when no image has a layout."""
-        entry = self.layout
-        assert entry is not None
+    def _layout_run(
+        self, entry: ControlNetEntry, s: GenerationSettings, layouts: Sequence[object]
+    ) -> ControlRun | None:
+        """The layout ControlNet ``entry`` on each image's own layout control image (images without one: no
+        residual), at every step; None when no image has a layout."""
         controls = [getattr(layout, "control", None) for layout in layouts]
         known = [i for i, control in enumerate(controls) if control is not None]
         if not known:
@@ -281,7 +277,7 @@ class ControlNetSet:
         def run(x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor) -> list:
             repeats = x.shape[0] // len(controls)  # [negatives; positives], each in image order
             residuals = self._residuals(
-                entry, x, per_image.repeat(repeats, 1, 1, 1), embeds, pooled, timestep, s.layout_control, expand=False
+                entry, x, per_image.repeat(repeats, 1, 1, 1), embeds, pooled, timestep, s.layout_control
             )
             mask = keep.repeat(repeats, 1, 1).to(x.dtype)
             return [r * mask for r in residuals]
@@ -297,12 +293,12 @@ class ControlNetSet:
         pooled: torch.Tensor,
         timestep: torch.Tensor,
         scale: float,
-        expand: bool = True,
     ) -> list[torch.Tensor]:
+        """``entry``'s residuals for latents ``x (B, …)`` and ``control`` (1 or B, C, h, w)."""
         config = entry.model.config
         return entry.model(
             x,
-            (control.expand(x.shape[0], -1, -1, -1) if expand else control).to(x.dtype),
+            control.expand(x.shape[0], -1, -1, -1).to(x.dtype),
             embeds if config.joint_attention_dim is not None else None,
             torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
             timestep,
@@ -318,9 +314,6 @@ class ControlRun:
 
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]
     active: Callable[[torch.Tensor], bool]
-
-    def __call__(self, x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor) -> list:
-        return self.run(x, embeds, pooled, timestep)
 
 
 class LazyControls(Sequence[torch.Tensor]):
@@ -346,6 +339,11 @@ class LazyControls(Sequence[torch.Tensor]):
 
     def __getitem__(self, index):  # noqa: ANN001 - Sequence's int or slice
         return self._get()[index]
+
+
+def _digest(entry: ControlNetEntry) -> str:
+    """``":<first 10 hex of sha256>"`` for the PNG metadata, or "" when the file's digest is unknown."""
+    return f":{entry.sha256[:10]}" if entry.sha256 else ""
 
 
 def _check_scale(scale: float) -> float:

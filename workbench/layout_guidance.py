@@ -12,7 +12,7 @@ latents, ``rms`` its root mean square), in the spirit of Attend-and-Excite (arXi
 
 A :class:`Layout` comes from a :data:`LayoutSource` set on the pipeline (``pipe.layout_source``); the embedded model's
 reads the layout from canonical ShapesWorld captions (:mod:`workbench.shapesworld.layout`). Measured on the embedded
-model with ``python -m workbench.shapesworld eval --layout-guidance S`` (README, "Layout guidance").
+model with ``python -m workbench.shapesworld eval --layout-guidance S`` (README, "Planned layouts").
 """
 
 from __future__ import annotations
@@ -178,10 +178,7 @@ def layout_constraint(
                 transformer(latent, embeds, pooled, timestep)
             maps = probe.maps()
             loss = sum(token_loss(m, words, masks) for m in maps) / len(maps)
-            gradient = torch.autograd.grad(loss, latent, allow_unused=True)[0] if loss.requires_grad else None
-        if gradient is None:  # layers without a backward (bitsandbytes' 4-bit CPU kernel) cut the graph
-            warnings.warn(NO_GRADIENT, stacklevel=2)
-            return x
+            (gradient,) = torch.autograd.grad(loss, latent)
         gradient = gradient.float()
         rms = gradient.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)[:, None, None, None]
         return (x - strength * sigma * gradient / rms).to(x.dtype)
