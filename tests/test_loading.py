@@ -248,7 +248,9 @@ def test_single_file_conversion_equals_diffusers_converters(sd35_folder):
 
 
 def test_single_file_loads_every_text_encoder_group(sd35_folder, tmp_path):
-    """clip_l, clip_g and t5xxl groups of a single file replace the companion folder's encoder weights."""
+    """clip_l, clip_g and t5xxl groups of a single file replace the companion folder's encoder weights, with the
+    names diffusers' own single-file converters give them."""
+    single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
     reference = load_pipeline(sd35_folder)
     depth = reference.transformer.config.num_layers
     state = {
@@ -269,6 +271,13 @@ def test_single_file_loads_every_text_encoder_group(sd35_folder, tmp_path):
                 changed = value + 0.01 * torch.randn(value.shape, generator=generator)
             state[f"text_encoders.{group}.transformer.{key}"] = changed
             expected[(slot, key)] = changed
+    theirs = {
+        "clip_l": single_file_utils.convert_ldm_clip_checkpoint(state, "text_encoders.clip_l.transformer."),
+        "clip_g": single_file_utils.convert_ldm_clip_checkpoint(state, "text_encoders.clip_g.transformer."),
+        "t5": single_file_utils.convert_sd3_t5_checkpoint_to_diffusers(state),
+    }
+    for (slot, key), value in expected.items():
+        assert theirs[slot][key] is value, (slot, key)
     file = tmp_path / "with_text_encoders.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(file))
     converted = load_pipeline(file, text_encoders_from=sd35_folder)
