@@ -113,6 +113,31 @@ def test_quantized_weights_are_smaller():
     assert int8["total"] <= 0.55 * full and bnb_int8["total"] <= 0.55 * full
 
 
+@pytest.mark.parametrize(
+    "quantization, backend, bound",
+    [("nf4", "auto", 0.15), ("fp4", "auto", 0.25), ("int8", "bitsandbytes", 0.03), ("int8", "dynamic", 0.03)],
+)
+def test_quantized_layers_pass_input_gradients_within_the_block(quantization, backend, bound):
+    """Layers without a backward of their own (bitsandbytes', dynamic int8) pass the input gradient of the weight
+    they compute with inside ``input_gradients``, with an unchanged forward; it is within the quantization error of
+    the full-precision layer's gradient."""
+    from workbench.quantization import effective_weight, input_gradients
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    layer = memory.quantize_linear(linear, quantization, torch.float32, int8_backend=backend)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    weights = torch.randn(2, 5, 96)
+    with input_gradients(nn.Sequential(layer)):
+        out = layer(x)
+    assert "forward" not in vars(layer)  # the layer is itself again after the block
+    assert torch.equal(out.detach(), layer(x.detach()))
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    torch.testing.assert_close(grad, weights @ effective_weight(layer, 64, torch.float32, torch.device("cpu")))
+    expected = weights @ linear.weight.detach()
+    assert (grad - expected).norm() / expected.norm() < bound
+
+
 def test_streaming_load_holds_one_full_precision_layer_at_a_time(micro_folder, monkeypatch):
     from workbench import loading
 

@@ -18,7 +18,6 @@ model with ``python -m workbench.shapesworld eval --layout-guidance S`` (README,
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,15 +28,10 @@ from torch import nn
 
 from workbench.flow import NUM_TRAIN_TIMESTEPS, LatentConstraint
 from workbench.models.mmdit import MMDiT
-from workbench.quantization import passes_gradients
+from workbench.quantization import input_gradients
 
 LAYOUT_ITERATIONS = 3
 """Gradient steps on the latents after the first sampler step."""
-NO_GRADIENT = (
-    "layout guidance skipped: the transformer's layers give no gradient with respect to the latents (quantized "
-    "kernels without a backward: bitsandbytes' nf4 / fp4 / int8 layers, torch's dynamic int8); the other settings "
-    "apply; use int8 (weight-only), no quantization, or layout_guidance=0"
-)
 
 
 @dataclass(frozen=True)
@@ -165,18 +159,15 @@ def layout_constraint(
     conditioning. None when ``strength`` is 0 or no image has a layout."""
     if strength == 0 or all(layout is None for layout in layouts):
         return None
-    if not passes_gradients(transformer):
-        warnings.warn(NO_GRADIENT, stacklevel=3)
-        return None
     patch = transformer.config.patch_size
 
     def step(x: torch.Tensor, sigma: float, words: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             latent = x.detach().to(embeds.dtype).requires_grad_(True)
             timestep = torch.full((x.shape[0],), sigma * NUM_TRAIN_TIMESTEPS, device=x.device)
-            with AttentionProbe(transformer) as probe, _bare(transformer):
+            with AttentionProbe(transformer) as probe, _bare(transformer), input_gradients(transformer):
                 transformer(latent, embeds, pooled, timestep)
-            maps = probe.maps()
+                maps = probe.maps()  # runs the probed blocks' projections again, so inside input_gradients
             loss = sum(token_loss(m, words, masks) for m in maps) / len(maps)
             (gradient,) = torch.autograd.grad(loss, latent)
         gradient = gradient.float()

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -230,11 +231,55 @@ def _quantized_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def passes_gradients(model: nn.Module) -> bool:
-    """Whether an input gradient flows through every quantized linear of ``model``: our int8 weight-only layer
-    dequantizes into ``F.linear``; bitsandbytes' layers and torch's dynamic int8 have no usable backward here."""
+def _without_backward(model: nn.Module) -> list[nn.Module]:
+    """The quantized linears of ``model`` that have no usable input gradient of their own: bitsandbytes' layers and
+    torch's dynamic int8 (our int8 weight-only layer dequantizes into ``F.linear`` and has one)."""
     blocking = tuple(t for t in _quantized_types() if t not in QUANTIZED_TYPES)
-    return not any(isinstance(module, blocking) for module in model.modules())
+    return [module for module in model.modules() if isinstance(module, blocking)] if blocking else []
+
+
+def effective_weight(
+    layer: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The weight ``(out, in)`` that the linear map ``layer`` (a module or its forward) computes with, read back from
+    its own output: ``layer(I) − layer(0)`` on inputs of ``dtype`` on ``device``. Exact for bitsandbytes' nf4 / fp4 /
+    int8 and for dynamic int8, whose quantization of a one-hot row loses nothing."""
+    with torch.no_grad():
+        probe = torch.cat([torch.zeros(1, in_features), torch.eye(in_features)]).to(device, dtype)
+        out = layer(probe)
+        return (out[1:] - out[:1]).T
+
+
+class _PassInputGradient(torch.autograd.Function):
+    """``forward(x)`` as the layer computes it; ``backward`` multiplies by the layer's effective weight (the
+    straight-through gradient of a quantized linear). No gradient reaches the weights."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # noqa: ANN001
+        ctx.forward_of, ctx.probe = forward, (x.shape[-1], x.dtype, x.device)
+        return forward(x.detach())  # bitsandbytes takes another CPU kernel for inputs that require a gradient
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+        weight = effective_weight(ctx.forward_of, *ctx.probe)
+        return (grad.to(weight.dtype) @ weight).to(ctx.probe[1]), None
+
+
+@contextmanager
+def input_gradients(model: nn.Module) -> Iterator[None]:
+    """Within the block, input gradients flow through every quantized linear of ``model`` that has no backward of
+    its own (:func:`_without_backward`): the forward is unchanged, the backward multiplies by the weight the layer
+    computes with (:func:`effective_weight`, read again on each backward so no dense copy stays in memory). Used by
+    layout guidance, which needs the gradient of an attention loss with respect to the latents."""
+    layers = _without_backward(model)
+    for layer in layers:
+        original = layer.forward
+        layer.forward = lambda x, original=original: _PassInputGradient.apply(x, original)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def is_quantized(model: nn.Module) -> bool:
