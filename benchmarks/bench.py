@@ -140,6 +140,23 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
+def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
+    """FLOP per CPU second of this process multiplying two ``size``² matrices of ``dtype`` (best of ``repeats``):
+    the practical peak the transformer's linear layers can approach."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    return 2 * size**3 / min(timed(lambda: a @ b)[0] for _ in range(repeats))
+
+
+def step_flop(fn: Callable[[], object]) -> float:
+    """FLOP of one call of ``fn`` as ``torch.utils.flop_counter`` counts them (matrix products and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
     """Minimum (CPU, wall) seconds of each function over ``repeats`` rounds, the functions taking turns."""
     for fn in fns.values():
@@ -332,6 +349,9 @@ def section_speed(depth: int, resolution: int, repeats: int) -> tuple[str, dict]
         best = times.get("ours", times["ours eager"])
         name = "fp32" if dtype == torch.float32 else "bf16"
         numbers[name] = {k: v[0] for k, v in times.items()}
+        flop = step_flop(fns["diffusers"])
+        rate = matmul_rate(dtype)
+        share = {"diffusers": flop / times["diffusers"][0] / rate, "ours": flop / best[0] / rate}
         rows.append(
             [
                 name,
@@ -341,6 +361,10 @@ def section_speed(depth: int, resolution: int, repeats: int) -> tuple[str, dict]
                 _fmt(best[0] / times["diffusers"][0]),
                 _fmt(times["diffusers"][1]) + " / " + _fmt(best[1]),
                 f"{difference:.1e}",
+                f"{flop / 1e9:.0f}",
+                f"{rate / 1e9:.0f}",
+                f"{share['diffusers']:.0%} / {share['ours']:.0%}",
+                f"{share['diffusers'] / 0.8:.0%}",
             ]
         )
         del ours, fast, theirs, state
@@ -352,12 +376,19 @@ def section_speed(depth: int, resolution: int, repeats: int) -> tuple[str, dict]
         "ours / diffusers",
         "wall s diffusers / ours",
         "eager vs diffusers rel. diff.",
+        "GFLOP per step",
+        "matmul GFLOP/s",
+        "share of matmul rate diffusers / ours",
+        "share needed for 0.8×",
     ]
     title = (
         f"### 1a. Seconds per guided step: SD3-Medium width, depth {depth}, {resolution}², batch 2, "
         f"{TEXT_TOKENS} text tokens (min of {repeats}, one thread)\n\n"
         "`ours eager` is the plain module; `ours` is what `prepare` gives on the CPU (bfloat16: oneDNN pre-packed "
-        "linears with the feed-forward GELU fused; float32: unchanged).\n\n"
+        "linears with the feed-forward GELU fused; float32: unchanged). GFLOP per step: matrix products and "
+        "attention as `torch.utils.flop_counter` counts them; matmul GFLOP/s: this CPU multiplying two 2048² "
+        "matrices of the dtype on one thread, the practical ceiling of the linear layers; a share near 100 % leaves "
+        "nothing for a faster kernel to win, and a share over 100 % cannot be reached.\n\n"
     )
     return title + table(header, rows), numbers
 
@@ -776,7 +807,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sections",
         default="1,2,3",
-        help="comma-separated sections to run (1, 2, 3; cpu: the CPU paths table of 1 alone)",
+        help="comma-separated sections to run (1, 2, 3; speed, cpu: table 1a or 1b alone)",
     )
     parser.add_argument(
         "--eval-n", type=int, default=None, help="ShapesWorld captions per precision (default 32; 0: timing only)"
@@ -825,6 +856,8 @@ def run(args: argparse.Namespace) -> int:
             print(
                 "\n" + section_vae(512 if quick else 1024, ("decode",) if quick else ("decode", "encode")), flush=True
             )
+        if "speed" in sections and "1" not in sections:
+            print("\n" + section_speed(depth, resolution, repeats)[0], flush=True)
         if "cpu" in sections and "1" not in sections:
             print("\n" + section_cpu_paths(depth, resolution, repeats, compile, fp8)[0], flush=True)
         if "2" in sections and not quick:
