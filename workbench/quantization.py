@@ -271,15 +271,18 @@ def input_gradients(model: nn.Module) -> Iterator[None]:
     its own (:func:`_without_backward`): the forward is unchanged, the backward multiplies by the weight the layer
     computes with (:func:`effective_weight`, read again on each backward so no dense copy stays in memory). Used by
     layout guidance, which needs the gradient of an attention loss with respect to the latents."""
-    layers = _without_backward(model)
-    for layer in layers:
+    saved = [(layer, vars(layer).get("forward")) for layer in _without_backward(model)]
+    for layer, _ in saved:
         original = layer.forward
         layer.forward = lambda x, original=original: _PassInputGradient.apply(x, original)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, own in saved:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
 
 
 def is_quantized(model: nn.Module) -> bool:
