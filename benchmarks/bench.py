@@ -339,7 +339,8 @@ def section_speed(depth: int, resolution: int, repeats: int) -> tuple[str, dict]
         state = {k: v.to(dtype) for k, v in theirs.state_dict().items()}
         ours = build_transformer(config, state, dtype, "benchmark")
         fast = None
-        if dtype == torch.bfloat16 and memory.packed_kernels_available():
+        width = SD3_MEDIUM["num_attention_heads"] * SD3_MEDIUM["attention_head_dim"]
+        if memory.packing_pays(dtype, width) and memory.packed_kernels_available():
             fast = build_transformer(config, {k: v.clone() for k, v in state.items()}, dtype, "benchmark")
             memory.pack_linears(fast)
         fns = _contenders(theirs, ours, fast, step_inputs(resolution, dtype))
@@ -384,11 +385,12 @@ def section_speed(depth: int, resolution: int, repeats: int) -> tuple[str, dict]
     title = (
         f"### 1a. Seconds per guided step: SD3-Medium width, depth {depth}, {resolution}², batch 2, "
         f"{TEXT_TOKENS} text tokens (min of {repeats}, one thread)\n\n"
-        "`ours eager` is the plain module; `ours` is what `prepare` gives on the CPU (bfloat16: oneDNN pre-packed "
-        "linears with the feed-forward GELU fused; float32: unchanged). GFLOP per step: matrix products and "
-        "attention as `torch.utils.flop_counter` counts them; matmul GFLOP/s: this CPU multiplying two 2048² "
-        "matrices of the dtype on one thread, the practical ceiling of the linear layers; a share near 100 % leaves "
-        "nothing for a faster kernel to win, and a share over 100 % cannot be reached.\n\n"
+        "`ours eager` is the plain module; `ours` is what `prepare` gives on the CPU (oneDNN pre-packed linears with "
+        "the feed-forward GELU fused; in float32 from width 1024 up, `memory.packing_pays`). GFLOP per step: "
+        "matrix products and attention as `torch.utils.flop_counter` counts them; matmul GFLOP/s: torch multiplying "
+        "two 2048² matrices of the dtype on one thread (`torch.mm`, a plain library GEMM); share: the step's FLOP "
+        "per second as a fraction of that rate. Packed oneDNN linears can pass 100 %; attention (about an eighth "
+        "of the FLOP) runs well below it.\n\n"
     )
     return title + table(header, rows), numbers
 
@@ -411,7 +413,8 @@ def section_cpu_paths(
     state = dict(random_state(config, 0))
     paths: dict[str, Callable[[], torch.Tensor]] = {}
     compile_seconds: dict[str, float] = {}
-    variants = [("fp32 eager", torch.float32, False), ("fp32 compiled", torch.float32, True)]
+    variants = [("fp32 eager", torch.float32, False), ("fp32 packed", torch.float32, False)]
+    variants += [("fp32 compiled", torch.float32, True)]
     variants += [("bf16", torch.bfloat16, False), ("bf16 compiled", torch.bfloat16, True)]
     variants = [v for v in variants if compile or not v[2]]
     can_fp8, fp8_reason = acceleration.fp8_support(torch.device("cpu"))
@@ -419,7 +422,8 @@ def section_cpu_paths(
         variants.append(("fp8", torch.bfloat16, False))
     for name, dtype, compiled in variants:
         model = build_transformer(config, {k: v.to(dtype) for k, v in state.items()}, dtype, "benchmark")
-        if dtype == torch.bfloat16 and memory.cpu_has_bf16() and memory.packed_kernels_available() and not compiled:
+        packed = name == "fp32 packed" or (dtype == torch.bfloat16 and memory.cpu_has_bf16())
+        if packed and memory.packed_kernels_available() and not compiled:
             memory.pack_linears(model)
         if compiled:
             acceleration.compile_transformer(model, torch.device("cpu"), None)
@@ -441,8 +445,10 @@ def section_cpu_paths(
     medians = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
     fastest = min(medians, key=medians.get)
     pays, why = acceleration.cpu_compile_pays(memory.recommended_dtype("cpu"))
-    auto = ("bf16" if memory.recommended_dtype("cpu") == torch.bfloat16 else "fp32") + (" compiled" if pays else "")
-    auto = auto if auto in paths else auto + " eager"
+    if memory.recommended_dtype("cpu") == torch.bfloat16:
+        auto = "bf16 compiled" if pays else "bf16"
+    else:
+        auto = "fp32 compiled" if pays else "fp32 packed"  # this width packs (memory.packing_pays)
     rows = [
         [
             name,

@@ -323,6 +323,21 @@ def test_cpu_kernels_pack_linears_without_changing_the_state_dict(micro_folder):
     assert torch.equal(_velocity(packed), _velocity(plain))
 
 
+def test_float32_is_packed_where_it_pays():
+    assert memory.packing_pays(torch.bfloat16, 192) and memory.packing_pays(torch.float32, 1536)
+    assert not memory.packing_pays(torch.float32, 192) and not memory.packing_pays(torch.float16, 1536)
+
+
+def test_float32_packed_linears_give_the_plain_velocity(micro_folder):
+    if not memory.packed_kernels_available():
+        pytest.skip("oneDNN linear kernels not available")
+    plain = load_pipeline(micro_folder)  # narrower than FP32_PACKING_MIN_WIDTH: left plain
+    packed = load_pipeline(micro_folder, cpu_kernels=True)
+    assert "PackedLinear" not in {type(m).__name__ for m in plain.transformer.modules()}
+    assert "PackedLinear" in {type(m).__name__ for m in packed.transformer.modules()}
+    assert _relative(_velocity(packed), _velocity(plain)) < 1e-5
+
+
 def test_packed_linear_unpacks_when_moved():
     if not memory.packed_kernels_available():
         pytest.skip("oneDNN linear kernels not available")
