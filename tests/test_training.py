@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 import torch
 
 from workbench import load_pipeline
-from workbench.shapesworld.export import export_run
+from workbench.loading import EMBEDDED_MODEL
+from workbench.shapesworld.export import LAYOUT_DEFAULTS, export_run
 from workbench.shapesworld.model import ShapesWorldSpec
 from workbench.shapesworld.train import (
     TrainConfig,
@@ -50,7 +52,11 @@ def test_micro_training_learns_resumes_and_exports(tmp_path, monkeypatch):
     assert all(0 <= row["data_wait"] <= row["seconds"] for row in timing)
 
     folder = export_run(run, tmp_path / "model", spec, num_inference_steps=3)
-    pipe = load_pipeline(folder)
+    recorded = json.loads((folder / "model_index.json").read_text())["workbench"]
+    shipped = json.loads((EMBEDDED_MODEL / "model_index.json").read_text())["workbench"]
+    assert {key: recorded[key] for key in LAYOUT_DEFAULTS} == {key: shipped[key] for key in LAYOUT_DEFAULTS}
+    with pytest.warns(UserWarning, match="layout ControlNet '../shapesworld-controlnet-canny' is missing"):
+        pipe = load_pipeline(folder)  # the shipped ControlNet sits beside models/shapesworld-moe, not beside tmp
     assert pipe.num_experts == spec.num_experts and pipe.defaults.num_inference_steps == 3
     out = pipe("a red circle at the center on a white background", seed=0, height=96, width=96)
     assert out.images[0].size == (96, 96)

@@ -451,7 +451,7 @@ class Pipeline:
             )
             layouts = self._layouts(s, prompts, seeds, embeds.shape[1])
             guide = self._layout_constraint(s.layout_guidance, layouts, embeds, pooled)
-            if guide is None and s.layout_guidance:  # skipped (no layout, or no gradient): not in the metadata
+            if guide is None and s.layout_guidance:  # no image has a layout: not in the metadata
                 s = replace(s, layout_guidance=0.0)
             constraint = chain_constraints(
                 guide, inpaint_constraint(mask.to(self.device), clean, noise) if mask is not None else None

@@ -74,6 +74,7 @@ def _export(args: argparse.Namespace) -> int:
     out = export_run(
         Path(args.run),
         Path(args.out) if args.out else EMBEDDED_MODEL,
+        layouts_from=None if args.layouts_from == "none" else Path(args.layouts_from or EMBEDDED_MODEL),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         shift=args.shift,
@@ -249,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--steps", type=int, default=None)
     export.add_argument("--guidance", type=float, default=None)
     export.add_argument("--shift", type=float, default=None)
+    export.add_argument(
+        "--layouts-from",
+        default=None,
+        help="model folder whose planned-layout defaults the export keeps (default: models/shapesworld-moe; none: off)",
+    )
     export.set_defaults(run_command=_export)
     ev = commands.add_parser("eval", help="accuracy of a model on fresh canonical captions, read from pixels")
     ev.add_argument("--model", default=None)

@@ -29,14 +29,30 @@ def fit_preview(pipe: Pipeline, batches: int = 4) -> None:
     pipe.defaults.latent_rgb_bias = bias.tolist()
 
 
-def export_run(run: Path, out: Path = EMBEDDED_MODEL, spec: ShapesWorldSpec | None = None, **defaults: object) -> Path:
+LAYOUT_DEFAULTS = ("layout_guidance", "layout_control", "layout_controlnet")
+"""The generation defaults of planned layouts, which a new export keeps from an existing model folder."""
+
+
+def export_run(
+    run: Path,
+    out: Path = EMBEDDED_MODEL,
+    spec: ShapesWorldSpec | None = None,
+    layouts_from: Path | None = EMBEDDED_MODEL,
+    **defaults: object,
+) -> Path:
     """Write the EMA weights of ``run`` (at the sizes of ``spec``, default: those the run records) as a model folder
     at ``out`` (replacing it); ``defaults`` override the generation defaults (steps, guidance, shift …) recorded in
     ``model_index.json``, beside the transformer's training step (``training_step``, where ``train --init-from``
-    resumes the schedule)."""
+    resumes the schedule). The planned-layout defaults (:data:`LAYOUT_DEFAULTS`) are those of the model folder
+    ``layouts_from`` (the shipped model's: a new export keeps its planned layouts; the ControlNet path is relative to
+    the model folder, so it resolves once the export replaces the shipped one); None leaves them off."""
     spec = spec or ShapesWorldSpec.for_run(run)
+    inherited = {}
+    if layouts_from is not None:
+        recorded = json.loads((layouts_from / "model_index.json").read_text()).get("workbench", {})
+        inherited = {key: recorded[key] for key in LAYOUT_DEFAULTS if key in recorded}
     pipe = load_ema_pipeline(run, spec, TrainConfig())
-    for key, value in defaults.items():
+    for key, value in {**inherited, **defaults}.items():
         if value is not None:
             setattr(pipe.defaults, key, value)
     fit_preview(pipe)
