@@ -60,7 +60,7 @@ def test_seeding_a_run_with_grow_depth_records_the_spec_and_exports_the_deeper_m
     assert seed_run_from_model(model, run, spec=spec, depth=3) == 7
     assert json.loads((run / "spec.json").read_text())["depth"] == 3
     assert ShapesWorldSpec.for_run(run).depth == 3
-    folder = export_run(run, tmp_path / "grown")
+    folder = export_run(run, tmp_path / "grown", layouts_from=None)
     grown = load_pipeline(folder)
     assert len(grown.transformer.transformer_blocks) == 3
     expected = _velocity(pipe.transformer)

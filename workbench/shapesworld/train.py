@@ -19,6 +19,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -701,7 +702,9 @@ def seed_run_from_model(
 
     if step is None:
         step = int(read_json(folder / "model_index.json").get("workbench", {}).get("training_step", 0))
-    pipe = load_pipeline(folder)
+    with warnings.catch_warnings():  # only the weights are read: a missing layout ControlNet does not matter here
+        warnings.filterwarnings("ignore", message=".*layout ControlNet")
+        pipe = load_pipeline(folder)
     config = pipe.transformer.config
     spec = replace(spec or ShapesWorldSpec(), depth=config.num_layers, moe_layers=tuple(config.moe_layers))
     if depth is not None and depth != spec.depth:
