@@ -1,6 +1,7 @@
-"""CPU kernels: in bfloat16 on the CPU, the transformer's large linears run through oneDNN with pre-packed weights,
-and the feed-forward's tanh-GELU is fused into its first linear (:class:`PackedLinear`); ``state_dict`` keeps the
-same parameter names. :func:`pack_linears` installs them, :func:`unpack_linears` restores plain layers.
+"""CPU kernels: in bfloat16 (and float32 on wide models, ``memory.packing_pays``) on the CPU, the transformer's large
+linears run through oneDNN with pre-packed weights, and the feed-forward's tanh-GELU is fused into its first linear
+(:class:`PackedLinear`); ``state_dict`` keeps the same parameter names. :func:`pack_linears` installs them,
+:func:`unpack_linears` restores plain layers.
 """
 
 from __future__ import annotations
