@@ -339,8 +339,7 @@ def section_speed(depth: int, resolution: int, repeats: int) -> tuple[str, dict]
         state = {k: v.to(dtype) for k, v in theirs.state_dict().items()}
         ours = build_transformer(config, state, dtype, "benchmark")
         fast = None
-        width = SD3_MEDIUM["num_attention_heads"] * SD3_MEDIUM["attention_head_dim"]
-        if memory.packing_pays(dtype, width) and memory.packed_kernels_available():
+        if memory.packing_pays(dtype, config.inner_dim) and memory.packed_kernels_available():
             fast = build_transformer(config, {k: v.clone() for k, v in state.items()}, dtype, "benchmark")
             memory.pack_linears(fast)
         fns = _contenders(theirs, ours, fast, step_inputs(resolution, dtype))

@@ -258,8 +258,7 @@ def prepare(
     if quantization is not None and quantize_text_encoders and not is_quantized(pipe.text_encoders):
         quantize_text_conditioner(pipe.text_encoders, quantization, target, int8_backend, execution_device=device)
     if cpu_kernels is None:
-        config = pipe.transformer.config
-        width = config.num_attention_heads * config.attention_head_dim
+        width = pipe.transformer.config.inner_dim
         cpu_kernels = device.type == "cpu" and offload is None and packing_pays(pipe.dtype, width)
     if cpu_kernels and device.type == "cpu" and offload is None and packed_kernels_available():
         pack_linears(pipe.transformer)

@@ -235,7 +235,7 @@ def _without_backward(model: nn.Module) -> list[nn.Module]:
     """The quantized linears of ``model`` that have no usable input gradient of their own: bitsandbytes' layers and
     torch's dynamic int8 (our int8 weight-only layer dequantizes into ``F.linear`` and has one)."""
     blocking = tuple(t for t in _quantized_types() if t not in QUANTIZED_TYPES)
-    return [module for module in model.modules() if isinstance(module, blocking)] if blocking else []
+    return [module for module in model.modules() if isinstance(module, blocking)]
 
 
 def effective_weight(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.loading import EMBEDDED_MODEL, save_pipeline
+from workbench.loading import EMBEDDED_MODEL, read_json, save_pipeline
 from workbench.models.vae import fit_latent_rgb_factors
 from workbench.pipeline import Pipeline
 from workbench.shapesworld.model import ShapesWorldSpec
@@ -49,7 +49,7 @@ def export_run(
     spec = spec or ShapesWorldSpec.for_run(run)
     inherited = {}
     if layouts_from is not None:
-        recorded = json.loads((layouts_from / "model_index.json").read_text()).get("workbench", {})
+        recorded = read_json(layouts_from / "model_index.json").get("workbench", {})
         inherited = {key: recorded[key] for key in LAYOUT_DEFAULTS if key in recorded}
     pipe = load_ema_pipeline(run, spec, TrainConfig())
     for key, value in {**inherited, **defaults}.items():
