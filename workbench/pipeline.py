@@ -485,6 +485,26 @@ class Pipeline:
             images, latents, seeds, parameters, trajectory, routing, cache.skipped_steps, cache.computed
         )
 
+    def conditional_velocity(
+        self, prompts: list[str], settings: GenerationSettings, seeds: Sequence[int]
+    ) -> Callable[[torch.Tensor, float], torch.Tensor]:
+        """The velocity a sampler gets for ``prompts`` (one per image, with their ``seeds``) before classifier-free
+        guidance: ``v(x (B, C, h, w), σ) → (B, C, h, w)`` float32 on the CPU, the transformer with every
+        conditioning ``settings`` switch on (the layout ControlNet on each prompt's layout with ``layout_control``).
+        Layout guidance, which moves latents rather than velocities, is not part of it."""
+        s = replace(settings, guidance_scale=1.0)
+        embeds, pooled = self.encode_prompts(prompts, None, s.max_sequence_length)
+        layouts = self._layouts(replace(s, layout_guidance=0.0), prompts, list(seeds), embeds.shape[1])
+        sigmas = flow.sigma_schedule(s.num_inference_steps, s.shift)
+        model_fn = self._model_fn(embeds, pooled, None, self._conditionings(s, Inputs(layouts=layouts), sigmas))
+
+        @torch.no_grad()
+        def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            timestep = torch.full((x.shape[0],), sigma * flow.NUM_TRAIN_TIMESTEPS, device=self.device)
+            return model_fn(x, timestep).float().cpu()
+
+        return velocity
+
     def _size_of(self, image: object, height: int | None, width: int | None) -> tuple[int, int]:
         """``(height, width)``: the given ones, the missing ones from ``image``'s size rounded down to a multiple
         of 16."""

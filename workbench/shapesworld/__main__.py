@@ -163,9 +163,10 @@ def _sensitivity(args: argparse.Namespace) -> int:
     from workbench.shapesworld.sensitivity import caption_sensitivity, format_sensitivity
 
     pipe = load_pipeline(args.model, device=args.device)
-    result = caption_sensitivity(pipe, n=args.n, seed=args.seed, sigmas=args.sigmas)
+    result = caption_sensitivity(pipe, n=args.n, seed=args.seed, sigmas=args.sigmas, layout_control=args.layout_control)
     print(format_sensitivity(result))
-    print(f'\n‖v(c) − v(c′)‖ / ‖v(c) − v("")‖ over {args.n} captions per kind, seed {args.seed}')
+    probed = f"layout control {args.layout_control:g}" if args.layout_control else "the transformer alone"
+    print(f'\n‖v(c) − v(c′)‖ / ‖v(c) − v("")‖ over {args.n} captions per kind, seed {args.seed}, {probed}')
     return 0
 
 
@@ -303,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--seed", type=int, default=0)
     sens.add_argument("--sigmas", type=float, nargs="+", default=[0.9, 0.6, 0.3])
     sens.add_argument("--device", default="cpu")
+    sens.add_argument(
+        "--layout-control",
+        type=float,
+        default=0.0,
+        help="0: the transformer alone (the weights); > 0: the sampler's velocity with each caption's planned layout "
+        "drawn through the layout ControlNet at this scale (the default generation uses the model's layout control)",
+    )
     sens.set_defaults(run_command=_sensitivity)
     add_data_commands(commands)
     add_controlnet_commands(commands)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from workbench.pipeline import Pipeline
+from workbench.settings import GenerationSettings
 from workbench.shapesworld.world import (
     PALETTE_OBJECTS,
     SHAPES,
@@ -91,18 +92,23 @@ def edited_caption(caption: str, edit: str) -> str | None:
 
 
 @torch.no_grad()
-def _velocity(pipe: Pipeline, condition: tuple[torch.Tensor, ...], x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """The transformer's velocity at ``(x, σ)`` for ``condition`` = (embeds, pooled) from ``pipe.encode_prompts``."""
-    embeds, pooled = condition
-    timestep = torch.full((x.shape[0],), sigma * 1000.0, device=pipe.device)
-    return pipe.transformer(x.to(pipe.device, pipe.dtype), embeds, pooled, timestep).float().cpu()
-
-
-@torch.no_grad()
 def caption_sensitivity(
-    pipe: Pipeline, n: int = 64, seed: int = 0, sigmas: Sequence[float] = SIGMAS, size: int = 128
+    pipe: Pipeline,
+    n: int = 64,
+    seed: int = 0,
+    sigmas: Sequence[float] = SIGMAS,
+    size: int = 128,
+    layout_control: float = 0.0,
 ) -> dict[str, dict[str, dict[float, float]]]:
-    """{"one"|"two": {edit: {σ: sensitivity}}} on ``n`` captions of each kind (see the module docstring)."""
+    """{"one"|"two": {edit: {σ: sensitivity}}} on ``n`` captions of each kind (see the module docstring).
+
+    ``layout_control`` 0 probes the transformer alone (the weights); > 0 probes the velocity the sampler gets at that
+    layout control (:meth:`Pipeline.conditional_velocity`): each caption's planned layout (caption i planned with seed
+    i, the scene of its render) drawn through the layout ControlNet. The empty caption has no layout, so dropping
+    the caption drops the control too."""
+    settings = GenerationSettings.resolve(
+        pipe.defaults, height=size, width=size, layout_guidance=0.0, layout_control=layout_control
+    )
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, dict[float, float]]] = {}
     for kind, edits in (("one", ONE_EDITS), ("two", TWO_EDITS)):
@@ -112,21 +118,20 @@ def caption_sensitivity(
         )
         clean = pipe.vae.scale_latents(pipe.encode_image(pixels).mode()).float().cpu()
         noise = torch.randn(clean.shape, generator=generator)
-        base_condition = pipe.encode_prompts(captions, None, 256)
-        empty_condition = pipe.encode_prompts([""] * n, None, 256)
-        edited = {}  # edit -> (indices of the captions it changes, their conditioning)
+        base_velocity = pipe.conditional_velocity(captions, settings, range(n))
+        empty_velocity = pipe.conditional_velocity([""] * n, settings, range(n))
+        edited = {}  # edit -> (indices of the captions it changes, their velocity)
         for edit in edits:
             changed = [edited_caption(c, edit) for c in captions]
             keep = [i for i, c in enumerate(changed) if c is not None]
-            edited[edit] = (keep, pipe.encode_prompts([changed[i] for i in keep], None, 256))
+            edited[edit] = (keep, pipe.conditional_velocity([changed[i] for i in keep], settings, keep))
         out[kind] = {edit: {} for edit in edits}
         for sigma in sigmas:
             x = (1 - sigma) * clean + sigma * noise
-            base = _velocity(pipe, base_condition, x, sigma)
-            scale = (base - _velocity(pipe, empty_condition, x, sigma)).flatten(1).norm(dim=1)
-            for edit, (keep, condition) in edited.items():
-                other = _velocity(pipe, condition, x[keep], sigma)
-                ratio = (base[keep] - other).flatten(1).norm(dim=1) / scale[keep].clamp_min(1e-8)
+            base = base_velocity(x, sigma)
+            scale = (base - empty_velocity(x, sigma)).flatten(1).norm(dim=1)
+            for edit, (keep, velocity) in edited.items():
+                ratio = (base[keep] - velocity(x[keep], sigma)).flatten(1).norm(dim=1) / scale[keep].clamp_min(1e-8)
                 out[kind][edit][sigma] = float(ratio.mean())
     return out
 
