@@ -11,6 +11,9 @@ object: another colour, another shape, the mirrored position (center → top lef
 third colour, the two colours swapped, the two shapes swapped (pairs with equal shapes left out) and the relation
 flipped (left ↔ right, above ↔ below). Swaps and flips keep the words and change only which object they belong to,
 so they measure binding; a bag-of-words model scores 0 on them.
+
+v is the transformer alone (the weights) by default; with ``layout_control`` > 0 it is the velocity the sampler gets
+(:meth:`Pipeline.conditional_velocity`), the layout ControlNet drawing each caption's planned layout.
 """
 
 from __future__ import annotations
