@@ -152,3 +152,17 @@ def test_fuzzed_generate_flags_give_a_png_or_one_error_line(
     else:
         assert code == 2
         one_error_line(capsys)
+
+
+def test_shapesworld_commands_report_user_errors_in_one_line(capsys):
+    from workbench.shapesworld.__main__ import main as shapesworld_main
+
+    cases = {
+        ("sensitivity", "--n", "2", "--layout-control", "50"): "layout_control must be between 0 and 10, got 50.0",
+        ("eval", "--n", "2", "--size", "100"): "height must be a positive multiple of 16, got 100",
+    }
+    for argv, message in cases.items():
+        assert shapesworld_main(list(argv)) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert errors == [f"error: {message}"] and "Traceback" not in err, err

@@ -14,6 +14,7 @@ LAYERS: list[tuple[str, ...]] = [
         "workbench.settings",
         "workbench.preprocess",
         "workbench.limits",
+        "workbench.errors",
         "workbench.metadata",
         "workbench.formats",
         "workbench.quantization",

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from workbench.errors import run_command
 from workbench.shapesworld.cli_controlnet import add_controlnet_commands
 from workbench.shapesworld.cli_data import add_data_commands
 
@@ -100,6 +101,7 @@ def _eval(args: argparse.Namespace) -> int:
         quantize_modulation=not args.keep_modulation,
         int8_backend=args.int8_backend,
     )
+    pipe.check_size(args.size, args.size)  # before the progress bar starts
     for spec in args.lora:
         path, strength = parse_lora_spec(spec)
         pipe.loras.load(path, strength=strength)
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = getattr(args, "run_command", None) or args.run
-    return int(handler(args) or 0)
+    return run_command(lambda: handler(args))
 
 
 if __name__ == "__main__":
