@@ -59,6 +59,17 @@ def test_eval_command_writes_breakdown_and_records(tmp_path, capsys):
     assert {"caption", "seed", "scores", "objects"} <= set(rows[0])
 
 
+def test_sensitivity_command_probes_the_quantized_default_generation(capsys):
+    from workbench.shapesworld.__main__ import main
+
+    argv = ["sensitivity", "--n", "3", "--sigmas", "0.9", "--quantization", "int8", "--layout-control", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "layout control 1, int8" in printed
+    flipped = next(line for line in printed.splitlines() if line.startswith("| two | relation flipped |"))
+    assert float(flipped.split("|")[3]) > 0.2  # the plan moves with the relation (the weights alone: about 0.06)
+
+
 def test_edited_captions_change_only_what_they_name():
     from workbench.shapesworld.sensitivity import edited_caption
 

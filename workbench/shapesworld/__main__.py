@@ -84,16 +84,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _load_model(args: argparse.Namespace):
+    """The pipeline the flags of :func:`_add_model_arguments` name."""
     import torch
 
     from workbench import load_pipeline
-    from workbench.lora import parse_lora_spec
-    from workbench.pipeline import parse_block_list
-    from workbench.shapesworld.evaluate import evaluate, format_table
-    from workbench.shapesworld.failures import format_breakdown
 
-    pipe = load_pipeline(
+    return load_pipeline(
         args.model,
         device=args.device,
         dtype=getattr(torch, args.dtype),
@@ -101,6 +98,27 @@ def _eval(args: argparse.Namespace) -> int:
         quantize_modulation=not args.keep_modulation,
         int8_backend=args.int8_backend,
     )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --device and the precision flags of the model a command measures."""
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", default=None, choices=["int8", "nf4", "fp4"])
+    parser.add_argument("--int8-backend", default="auto", choices=["auto", "dynamic", "weight_only", "bitsandbytes"])
+    parser.add_argument(
+        "--keep-modulation", action="store_true", help="with --quantization: keep the adaLN linears unquantized"
+    )
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from workbench.lora import parse_lora_spec
+    from workbench.pipeline import parse_block_list
+    from workbench.shapesworld.evaluate import evaluate, format_table
+    from workbench.shapesworld.failures import format_breakdown
+
+    pipe = _load_model(args)
     pipe.check_size(args.size, args.size)  # before the progress bar starts
     for spec in args.lora:
         path, strength = parse_lora_spec(spec)
@@ -161,13 +179,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
-    from workbench import load_pipeline
     from workbench.shapesworld.sensitivity import caption_sensitivity, format_sensitivity
 
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = _load_model(args)
     result = caption_sensitivity(pipe, n=args.n, seed=args.seed, sigmas=args.sigmas, layout_control=args.layout_control)
     print(format_sensitivity(result))
     probed = f"layout control {args.layout_control:g}" if args.layout_control else "the transformer alone"
+    probed += f", {args.quantization or args.dtype}"
     print(f'\n‖v(c) − v(c′)‖ / ‖v(c) − v("")‖ over {args.n} captions per kind, seed {args.seed}, {probed}')
     return 0
 
@@ -260,23 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run_command=_export)
     ev = commands.add_parser("eval", help="accuracy of a model on fresh canonical captions, read from pixels")
-    ev.add_argument("--model", default=None)
+    _add_model_arguments(ev)
     ev.add_argument("--n", type=int, default=200)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--kind", choices=["one", "two", "both"], default="both")
     ev.add_argument("--size", type=int, default=128)
-    ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ev.add_argument("--batch-size", type=int, default=8, help="images generated per call (each has its own seed)")
     ev.add_argument("--steps", type=int, default=None)
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--shift", type=float, default=None)
     ev.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ev.add_argument("--quantization", default=None, choices=["int8", "nf4", "fp4"])
-    ev.add_argument("--int8-backend", default="auto", choices=["auto", "dynamic", "weight_only", "bitsandbytes"])
-    ev.add_argument(
-        "--keep-modulation", action="store_true", help="with --quantization: keep the adaLN linears unquantized"
-    )
     ev.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
     ev.add_argument("--skip-layers", default=None, help="skip-layer guidance blocks, e.g. 2,3")
     ev.add_argument(
@@ -301,11 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     sens = commands.add_parser(
         "sensitivity", help="how much the velocity changes when a caption's colour, shape, position or binding changes"
     )
-    sens.add_argument("--model", default=None)
+    _add_model_arguments(sens)
     sens.add_argument("--n", type=int, default=64, help="captions per kind")
     sens.add_argument("--seed", type=int, default=0)
     sens.add_argument("--sigmas", type=float, nargs="+", default=[0.9, 0.6, 0.3])
-    sens.add_argument("--device", default="cpu")
     sens.add_argument(
         "--layout-control",
         type=float,
